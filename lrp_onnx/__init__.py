@@ -1,0 +1,80 @@
+"""lrp_onnx: compile Layer-wise Relevance Propagation into ONNX models.
+
+>>> from lrp_onnx import LRP, EpsilonPlusFlat          # doctest: +SKIP
+>>> analyzer = LRP("models/seed_vgg.onnx", EpsilonPlusFlat())
+>>> analyzer.save("seed_vgg.lrp.onnx")
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .analyzer import LRP, Explanation, compile, save_model  # noqa: E402
+from .composites import (  # noqa: E402
+    PRESETS,
+    ActivationLayer,
+    Composite,
+    ConvLayer,
+    DenseLayer,
+    DropoutLayer,
+    EpsilonAlpha2Beta1,
+    EpsilonAlpha2Beta1Flat,
+    EpsilonGammaBox,
+    EpsilonPlus,
+    EpsilonPlusFlat,
+    FirstLayerMap,
+    FirstLayerTypeMap,
+    FirstNTypeMap,
+    GlobalMap,
+    GlobalTypeMap,
+    LastLayerMap,
+    LastLayerTypeMap,
+    LayerGroup,
+    LayerMap,
+    MaxPoolLayer,
+    MeanPoolLayer,
+    NameMap,
+    NormalizationLayer,
+    PoolingLayer,
+    RangeMap,
+    RangeTypeMap,
+    ReshapingLayer,
+    parse_composite,
+)
+from .errors import (  # noqa: E402
+    CanonizerError,
+    LRPError,
+    ModelLoadError,
+    RuleAssignmentError,
+    RuleNotApplicable,
+    UnsupportedAttribute,
+    UnsupportedModel,
+    UnsupportedOp,
+)
+from .rules import (  # noqa: E402
+    AlphaBetaRule,
+    EpsilonRule,
+    FlatRule,
+    GammaRule,
+    GeneralizedGammaRule,
+    PassRule,
+    Rule,
+    WSquareRule,
+    ZBoxRule,
+    ZeroRule,
+    ZPlusRule,
+)
+
+__all__ = [
+    "LRP", "Explanation", "compile", "save_model", "PRESETS", "Composite", "LayerGroup",
+    "ActivationLayer", "ConvLayer", "DenseLayer", "DropoutLayer", "MaxPoolLayer",
+    "MeanPoolLayer", "NormalizationLayer", "PoolingLayer", "ReshapingLayer",
+    "EpsilonAlpha2Beta1", "EpsilonAlpha2Beta1Flat", "EpsilonGammaBox", "EpsilonPlus",
+    "EpsilonPlusFlat", "FirstLayerMap", "FirstLayerTypeMap", "FirstNTypeMap", "GlobalMap",
+    "GlobalTypeMap", "LastLayerMap", "LastLayerTypeMap", "LayerMap", "NameMap", "RangeMap",
+    "RangeTypeMap", "parse_composite", "CanonizerError", "LRPError", "ModelLoadError",
+    "RuleAssignmentError", "RuleNotApplicable", "UnsupportedAttribute", "UnsupportedModel",
+    "UnsupportedOp", "AlphaBetaRule", "EpsilonRule", "FlatRule", "GammaRule",
+    "GeneralizedGammaRule", "PassRule", "Rule", "WSquareRule", "ZBoxRule", "ZeroRule",
+    "ZPlusRule", "__version__",
+]

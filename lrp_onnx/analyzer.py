@@ -1,0 +1,210 @@
+"""The user-facing API: ``LRP(model, rules_or_composite)``, ``compile``, ``Explanation``."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .canonize import run_passes
+from .compiler import RELEVANCE, TARGET, compile_layers
+from .composites import Composite, layer_infos
+from .errors import RuleAssignmentError, UnsupportedModel
+from .graph import Graph
+from .layers import Layer, build_layers
+from .load import load_model
+from .rules import Rule, ZeroRule
+from .tree import Node, build_tree, nested_indices
+
+ModelLike = "str | os.PathLike[str] | onnx.ModelProto"
+
+
+@dataclass
+class Prepared:
+    """A loaded, canonicalised model with its layer view (single use: compiling consumes it)."""
+
+    label: str
+    graph: Graph
+    layers: list[Layer]
+    tree: Node
+    indices: dict[int, tuple[int, ...]]
+    meta: onnx.ModelProto
+
+    def infos(self) -> list[Any]:
+        return layer_infos(self.layers, self.indices, self.graph.data_input.name,
+                           self.graph.logits.name)
+
+
+def _meta_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    meta = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version",
+                  "doc_string"):
+        setattr(meta, field, getattr(model, field))
+    meta.opset_import.extend(model.opset_import)
+    meta.metadata_props.extend(model.metadata_props)
+    return meta
+
+
+def prepare(model: str | os.PathLike[str] | onnx.ModelProto, output: str | None = None) -> Prepared:
+    """Load, canonicalise and build the layer view of ``model``."""
+    proto, label = load_model(model)
+    proto = run_passes(proto, label)
+    meta = _meta_only(proto)
+    graph = Graph(proto, label, output)
+    del proto
+    layers = build_layers(graph)
+    tree = build_tree(layers)
+    return Prepared(label, graph, layers, tree, nested_indices(tree), meta)
+
+
+def assign_rules(prep: Prepared, rules: Any, flatten: bool = True) -> list[Rule]:
+    """One rule per layer from ``None`` (ZeroRule), a ``Composite`` or a flat list of rules."""
+    n = len(prep.layers)
+    if rules is None:
+        return [ZeroRule()] * n
+    if isinstance(rules, Composite):
+        return [rules.rule_for(info) for info in prep.infos()]
+    if isinstance(rules, Rule):
+        raise RuleAssignmentError(
+            f"got a single rule {rules!r}; pass a list with one rule per layer or "
+            f"Composite({rules!r}) to apply it everywhere"
+        )
+    if isinstance(rules, Sequence) and not isinstance(rules, str):
+        flat = list(rules)
+        if len(flat) != n:
+            raise RuleAssignmentError(
+                f"{prep.label}: expected {n} rules (one per layer of the flattened model), "
+                f"got {len(flat)}; see show_layer_indices(model)"
+            )
+        for i, r in enumerate(flat):
+            if not isinstance(r, Rule):
+                raise RuleAssignmentError(f"rule {i + 1} is {r!r}, not a rule")
+        return flat
+    raise RuleAssignmentError(f"rules must be None, a Composite or a list of rules, not "
+                              f"{type(rules).__name__}")
+
+
+@dataclass
+class Explanation:
+    """Result of :meth:`LRP.analyze`.
+
+    Attributes:
+        relevance: input relevance, same shape and dtype as the input.
+        output: the explained model output (e.g. logits or probabilities).
+        target: the class explained for each sample (argmax where ``-1`` was asked).
+        provider: the ONNX Runtime execution provider that ran the model.
+    """
+
+    relevance: np.ndarray
+    output: np.ndarray
+    target: np.ndarray
+    provider: str
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
+    """Write ``model`` atomically: a temporary file in the same folder, then a rename."""
+    dest = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(model.SerializeToString())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class LRP:
+    """An LRP analyzer compiled into an ONNX model (RelevancePropagation.jl's ``LRP``).
+
+    Args:
+        model: path to an ``.onnx`` file or an ``onnx.ModelProto`` (never modified).
+        rules: ``None`` (ZeroRule everywhere), a :class:`Composite`, or a list with one rule per
+            layer of the flattened model (``show_layer_indices`` lists them).
+        flatten: rules given as a list refer to the flattened layer list (the only form so far).
+        normalize_output_relevance: seed relevance 1 at the target (True, the default as in
+            RelevancePropagation.jl and Zennit's usual use) or the target's logit (False).
+        output: name of the graph output to explain (default: the first).
+
+    Attributes:
+        model: the compiled ``onnx.ModelProto`` (inputs + ``target``, outputs + ``relevance``).
+        layers: the layer view; ``rules``: the rule of each layer.
+    """
+
+    def __init__(self, model: str | os.PathLike[str] | onnx.ModelProto, rules: Any = None,
+                 flatten: bool = True, *, normalize_output_relevance: bool = True,
+                 output: str | None = None) -> None:
+        prep = prepare(model, output)
+        self.rules: list[Rule] = assign_rules(prep, rules, flatten)
+        self.layers: list[Layer] = prep.layers
+        self.indices = prep.indices
+        self.input_name = prep.graph.data_input.name
+        self.output_name = prep.graph.explained.name
+        self.num_classes = int(prep.graph.shape(prep.graph.logits)[-1] or 0)
+        self.model: onnx.ModelProto = compile_layers(
+            prep.graph, prep.layers, self.rules,
+            normalize_output_relevance=normalize_output_relevance, model_meta=prep.meta)
+        self._session: Any = None
+        self._device: str | None = None
+
+    def __repr__(self) -> str:
+        lines = ["LRP("]
+        lines += [f"  {la.summary} => {rule!r}," for la, rule in zip(self.layers, self.rules)]
+        lines.append(")")
+        return "\n".join(lines)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the compiled model to ``path`` (atomically)."""
+        save_model(self.model, path)
+
+    def session(self, device: str = "auto") -> Any:
+        """The cached ONNX Runtime session for ``device`` (``"auto"``, ``"cuda"``, ``"cpu"``)."""
+        from .runtime import make_session
+
+        if self._session is None or self._device != device:
+            self._session = make_session(self.model, device=device)
+            self._device = device
+        return self._session
+
+    def analyze(self, x: np.ndarray, target: int | Sequence[int] | np.ndarray | None = None, *,
+                device: str = "auto") -> Explanation:
+        """Explain ``x`` (with batch dimension) for ``target`` (None / -1: the top class)."""
+        return run_compiled(self.session(device), x, target, self.input_name, self.output_name,
+                            self.num_classes)
+
+
+def run_compiled(session: Any, x: np.ndarray, target: Any, input_name: str, output_name: str,
+                 num_classes: int) -> Explanation:
+    """Run a compiled model's session on ``x`` and ``target``; validates the target."""
+    x = np.asarray(x)
+    n = x.shape[0] if x.ndim else 0
+    if target is None:
+        t = np.full((n,), -1, dtype=np.int64)
+    else:
+        t = np.asarray(target, dtype=np.int64)
+        if t.ndim == 0:
+            t = np.full((n,), int(t), dtype=np.int64)
+    if t.shape != (n,):
+        raise UnsupportedModel(f"target has shape {t.shape}; expected ({n},) for a batch of {n}")
+    bad = (t < -1) | (t >= num_classes)
+    if bad.any():
+        raise UnsupportedModel(f"target {int(t[bad][0])} is outside [-1, {num_classes - 1}]")
+    out, rel = session.run([output_name, RELEVANCE], {input_name: x, TARGET: t})
+    logits_like = np.asarray(out)
+    chosen = np.where(t < 0, logits_like.reshape(n, -1).argmax(axis=1), t)
+    return Explanation(relevance=rel, output=out, target=chosen.astype(np.int64),
+                       provider=session.get_providers()[0])
+
+
+def compile(model: str | os.PathLike[str] | onnx.ModelProto,  # noqa: A001 (API name)
+            rules: Any = None, *, flatten: bool = True, normalize_output_relevance: bool = True,
+            output: str | None = None) -> onnx.ModelProto:
+    """Compile ``model`` with ``rules`` and return the compiled ``ModelProto`` (see :class:`LRP`)."""
+    return LRP(model, rules, flatten, normalize_output_relevance=normalize_output_relevance,
+               output=output).model

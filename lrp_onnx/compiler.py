@@ -1,0 +1,158 @@
+"""The reverse walk: seed relevance at the target logit, call each layer's emitter from the last
+layer to the first, accumulate at fan-out, and attach ``target``/``relevance`` to the model."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import __version__
+from .builder import Builder
+from .canonize import _skeleton
+from .errors import UnsupportedModel
+from .graph import Graph
+from .layers import Layer
+from .registry import check_rule, unsupported
+from .rules import Rule
+
+TARGET = "target"
+RELEVANCE = "relevance"
+
+
+def _seed(b: Builder, graph: Graph, target: gs.Variable, normalize: bool) -> gs.Tensor:
+    """One-hot (value 1, or the logit itself) at ``target``; ``target < 0`` picks the argmax."""
+    logits = graph.logits
+    shape = graph.shape(logits)
+    if len(shape) != 2 or shape[1] is None:
+        raise UnsupportedModel(
+            f"{graph.label}: the explained value '{logits.name}' has shape {logits.shape}; "
+            "a [batch, classes] output with a static class count is required"
+        )
+    with b.scope("seed"):
+        best = b.op("ArgMax", logits, tag="argmax", axis=1, keepdims=0)
+        chosen = b.op("Where", b.op("Less", target, b.scalar(0, np.int64), tag="auto"), best,
+                      target, tag="target")
+        values = b.const(np.array([0.0, 1.0]), "onehot_values")
+        onehot = b.op("OneHot", chosen, b.ints([int(shape[1])]), values, tag="onehot", axis=-1)
+        if normalize:
+            return onehot
+        return b.op("Mul", onehot, logits, tag="logit")
+
+
+def _sum(b: Builder, values: list[gs.Tensor], tag: str) -> gs.Tensor:
+    if len(values) == 1:
+        return values[0]
+    return b.op("Sum", *values, tag=tag)
+
+
+def compile_layers(graph: Graph, layers: Sequence[Layer], rules: Sequence[Rule], *,
+                   normalize_output_relevance: bool = True,
+                   model_meta: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """Emit the relevance pass for ``layers`` with ``rules`` (aligned) into ``graph``.
+
+    Returns the compiled ``ModelProto``: original inputs plus ``target`` (int64 ``[N]``),
+    original outputs plus ``relevance`` (shape and dtype of the data input).
+    """
+    unsupported(layers, graph.label, graph.opset)
+    entries = [check_rule(layer, rule) for layer, rule in zip(layers, rules, strict=True)]
+    for name in (TARGET, RELEVANCE):
+        if name in graph.tensors:
+            raise UnsupportedModel(f"{graph.label}: the model already has a value named "
+                                   f"'{name}', which the compiled model's contract reserves")
+    b = Builder(graph)
+    batch = graph.data_input.shape[0]
+    target = gs.Variable(TARGET, dtype=np.int64, shape=[batch])
+    graph.gs.inputs.append(target)
+
+    pending: dict[str, list[gs.Tensor]] = {graph.logits.name: [_seed(b, graph, target,
+                                                                      normalize_output_relevance)]}
+    for layer, rule, entry in zip(reversed(layers), reversed(rules), reversed(entries)):
+        arrived = pending.pop(layer.output.name, None)
+        if not arrived:
+            continue  # symbolic zero: nothing reaches this layer, so nothing is emitted
+        with b.scope(layer.name):
+            r_out = _sum(b, arrived, "R_out")
+            r_ins = entry.emit(b, layer, rule, r_out)
+        if len(r_ins) != len(layer.inputs):
+            raise AssertionError(f"emitter for {layer.kind} returned {len(r_ins)} relevances "
+                                 f"for {len(layer.inputs)} inputs")
+        for x, r in zip(layer.inputs, r_ins):
+            if r is not None:
+                b.expect_shape(r, x)
+                pending.setdefault(x.name, []).append(r)
+
+    x = graph.data_input
+    reached = pending.pop(x.name, [])
+    with b.scope("output"):
+        if reached:
+            final = _sum(b, reached, "sum")
+        else:  # no path carries relevance (all rules absorb it): an explicit zero map
+            final = b.op("Mul", b.op("Cast", x, to=onnx.TensorProto.BOOL, tag="nz"),
+                         b.scalar(0.0), tag="zero")
+    out = gs.Variable(RELEVANCE, dtype=x.dtype, shape=list(x.shape))
+    graph.gs.nodes.append(gs.Node("Identity", name="lrp/relevance", inputs=[final], outputs=[out]))
+    graph.gs.outputs.append(out)
+
+    model = _export(graph, model_meta, layers, rules, normalize_output_relevance)
+    _check(model, graph, b)
+    return model
+
+
+def _export(graph: Graph, meta: onnx.ModelProto | None, layers: Sequence[Layer],
+            rules: Sequence[Rule], normalize: bool) -> onnx.ModelProto:
+    src = meta
+    kwargs = {}
+    if src is not None:
+        kwargs["opset_imports"] = list(src.opset_import)
+    model = gs.export_onnx(graph.gs, do_type_check=True, **kwargs)
+    if src is not None:
+        model.ir_version = src.ir_version
+        model.producer_name = src.producer_name
+        model.producer_version = src.producer_version
+        model.domain = src.domain
+        model.model_version = src.model_version
+        model.doc_string = src.doc_string
+        model.metadata_props.extend(p for p in src.metadata_props if p.key != "lrp_onnx")
+    for node in model.graph.node:
+        props = graph.node_meta.get(node.name)
+        if props:
+            node.metadata_props.extend(props)
+    record = {
+        "version": __version__,
+        "normalize_output_relevance": normalize,
+        "explained_output": graph.explained.name,
+        "logits": graph.logits.name,
+        "layers": [{"index": la.index + 1, "nodes": list(la.node_names), "rule": repr(r)}
+                   for la, r in zip(layers, rules)],
+    }
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "lrp_onnx", json.dumps(record, sort_keys=True)
+    return model
+
+
+def _check(model: onnx.ModelProto, graph: Graph, b: Builder) -> None:
+    """``onnx.checker`` (full) and the emitters' shape promises, on the compiled model."""
+    try:
+        onnx.checker.check_model(model, full_check=False)
+    except onnx.checker.ValidationError as exc:  # pragma: no cover - emitter bug
+        raise AssertionError(f"compiled model fails onnx.checker: {exc}") from None
+    inferred = onnx.shape_inference.infer_shapes(_skeleton(model), strict_mode=True,
+                                                 data_prop=True)
+    shapes = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None
+                               for d in vi.type.tensor_type.shape.dim]
+    for rel, like in b.checks:
+        got = shapes.get(rel.name)
+        want = graph.shape(like)
+        if got is None:
+            continue
+        if len(got) != len(want) or any(g is not None and w is not None and g != w
+                                        for g, w in zip(got, want)):
+            raise AssertionError(f"relevance '{rel.name}' has shape {got}, expected {want} "
+                                 f"(shape of '{like.name}')")

@@ -1,0 +1,279 @@
+"""The layer view: the model's relevance path as an ordered list of layers.
+
+A layer is a matched op pattern with one output, e.g. ``Conv [+ BatchNormalization] [+ Relu]``,
+``MatMul + Add(const) [+ activation]``, ``MaxPool``, ``Flatten``. Rules are assigned per layer, the
+way RelevancePropagation.jl assigns them per Flux layer: an activation that directly follows a
+Conv/Gemm/MatMul belongs to that layer (``Conv((3, 3), 3 => 8, relu, pad=1)``) and its relevance
+passes through it unchanged (the rule acts on the pre-activation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .errors import UnsupportedModel, node_label
+from .graph import Graph, attr
+
+#: Ops that start a linear layer when their weight is a constant.
+LINEAR_OPS = ("Conv", "Gemm", "MatMul")
+#: Single-node elementwise activations (folded into a preceding linear layer, else their own layer).
+ACTIVATION_OPS = frozenset({
+    "Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Gelu",
+    "Elu", "Selu", "Celu", "Softplus", "Softsign", "Mish", "ThresholdedRelu",
+})
+
+_ACT_NAMES = {
+    "Relu": "relu", "LeakyRelu": "leakyrelu", "PRelu": "prelu", "Sigmoid": "sigmoid",
+    "Tanh": "tanh", "HardSigmoid": "hardsigmoid", "HardSwish": "hardswish", "Gelu": "gelu",
+    "Elu": "elu", "Selu": "selu", "Celu": "celu", "Softplus": "softplus", "Softsign": "softsign",
+    "Mish": "mish", "ThresholdedRelu": "thresholdedrelu",
+}
+
+
+@dataclass(eq=False)
+class Layer:
+    """One layer of the flattened model.
+
+    Attributes:
+        index: 0-based position in the flat layer list (displayed 1-based, as on the seed page).
+        kind: op type of the primary node (``"Conv"``, ``"Gemm"``, ``"MaxPool"``, ...).
+        primary: the node the layer is named after.
+        nodes: every node the layer covers, primary first.
+        inputs: data inputs of the layer (relevance is returned for these).
+        output: the layer's output value (relevance arrives here).
+        pre_activation: the value before a folded activation (``output`` when there is none).
+        bias_add: a folded ``Add(const)`` after MatMul/Gemm/Conv, if any.
+        batchnorm: a folded ``BatchNormalization``, if any.
+        activation: a folded activation node, if any.
+        scope: module path recorded by the exporter (``()`` if none).
+    """
+
+    index: int
+    kind: str
+    primary: gs.Node
+    nodes: tuple[gs.Node, ...]
+    inputs: tuple[gs.Tensor, ...]
+    output: gs.Tensor
+    pre_activation: gs.Tensor
+    bias_add: gs.Node | None = None
+    batchnorm: gs.Node | None = None
+    activation: gs.Node | None = None
+    scope: tuple[str, ...] = ()
+    summary: str = field(default="")
+
+    @property
+    def name(self) -> str:
+        """Name of the primary node (unique in the model)."""
+        return str(self.primary.name)
+
+    @property
+    def node_names(self) -> tuple[str, ...]:
+        return tuple(str(n.name) for n in self.nodes)
+
+    def __repr__(self) -> str:
+        return f"Layer({self.index + 1}, {self.summary}, nodes={list(self.node_names)})"
+
+
+def _sole_consumer(graph: Graph, t: gs.Tensor) -> gs.Node | None:
+    cons = graph.consumers(t)
+    if len(cons) != 1 or graph.is_graph_output(t) or t.name == graph.logits.name:
+        return None
+    return cons[0]
+
+
+def _is_const_bias_add(graph: Graph, node: gs.Node, value: gs.Tensor) -> bool:
+    if node.op != "Add" or len(node.inputs) != 2:
+        return False
+    other = node.inputs[1] if node.inputs[0] is value else node.inputs[0]
+    const = graph.const_value(other)
+    if const is None:
+        return False
+    out_shape = graph.shape(value)
+    if const.ndim > len(out_shape):
+        return False
+    # The constant may vary along the feature axis only (last for dense, 1 for conv).
+    feat_axis = 1 if len(out_shape) > 2 and _conv_like(graph, value) else len(out_shape) - 1
+    lead = len(out_shape) - const.ndim
+    for i, d in enumerate(const.shape):
+        axis = lead + i
+        if d != 1 and axis != feat_axis:
+            return False
+    return True
+
+
+def _conv_like(graph: Graph, value: gs.Tensor) -> bool:
+    producer = graph.producer(value)
+    return producer is not None and producer.op == "Conv"
+
+
+def _is_inference_bn(graph: Graph, node: gs.Node) -> bool:
+    if node.op != "BatchNormalization" or len(node.outputs) != 1:
+        return False
+    if int(attr(node, "training_mode", graph.opset, 0) or 0) != 0:
+        return False
+    return all(graph.const_value(t) is not None for t in node.inputs[1:5])
+
+
+def build_layers(graph: Graph) -> list[Layer]:
+    """Group ``graph.nodes`` (the relevance path) into layers, in topological order."""
+    taken: set[str] = set()
+    layers: list[Layer] = []
+    for node in graph.nodes:
+        if node.name in taken:
+            continue
+        nodes = [node]
+        bias_add = bn = act = None
+        out = node.outputs[0]
+        if node.op in LINEAR_OPS and len(node.inputs) > 1 and \
+                graph.const_value(node.inputs[1]) is not None and \
+                node.inputs[0].name in graph.data:
+            nxt = _sole_consumer(graph, out)
+            if nxt is not None and _is_const_bias_add(graph, nxt, out):
+                bias_add, out = nxt, nxt.outputs[0]
+                nodes.append(nxt)
+                nxt = _sole_consumer(graph, out)
+            if nxt is not None and node.op != "MatMul" and _is_inference_bn(graph, nxt) and \
+                    nxt.inputs[0] is out:
+                bn, out = nxt, nxt.outputs[0]
+                nodes.append(nxt)
+                nxt = _sole_consumer(graph, out)
+            pre = out
+            if nxt is not None and nxt.op in ACTIVATION_OPS and \
+                    graph.data_inputs(nxt) == [out]:
+                act, out = nxt, nxt.outputs[0]
+                nodes.append(nxt)
+        else:
+            pre = out
+        if len([t for t in node.outputs if t.name in graph.data]) > 1 and node.op != "MaxPool":
+            raise UnsupportedModel(
+                f"{graph.label}: node {node_label(node.name, node.op, graph.opset)} has several "
+                "data outputs; multi-output layers are not supported yet"
+            )
+        taken.update(n.name for n in nodes)
+        layer = Layer(
+            index=len(layers), kind=node.op, primary=node, nodes=tuple(nodes),
+            inputs=tuple(graph.data_inputs(node)), output=out, pre_activation=pre,
+            bias_add=bias_add, batchnorm=bn, activation=act,
+            scope=graph.scopes.get(node.name, ()),
+        )
+        layer.summary = summarize(graph, layer)
+        layers.append(layer)
+    return layers
+
+
+# -- summaries (Flux-style, as on the seed page) --------------------------------------------------
+def _tuple(values: list[int]) -> str:
+    return "(" + ", ".join(str(v) for v in values) + ("," if len(values) == 1 else "") + ")"
+
+
+def _act_name(graph: Graph, node: gs.Node | None) -> str | None:
+    if node is None:
+        return None
+    if node.op == "Clip":
+        lo = graph.const_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name \
+            else None
+        hi = graph.const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name \
+            else None
+        if lo is not None and hi is not None and float(lo) == 0.0 and float(hi) == 6.0:
+            return "relu6"
+        return "clip"
+    return _ACT_NAMES.get(node.op, node.op.lower())
+
+
+def _window_args(graph: Graph, node: gs.Node, kernel: list[int]) -> list[str]:
+    args = []
+    auto_pad = attr(node, "auto_pad", graph.opset, "NOTSET")
+    pads = list(attr(node, "pads", graph.opset, None) or [])
+    strides = list(attr(node, "strides", graph.opset, None) or [])
+    dilations = list(attr(node, "dilations", graph.opset, None) or [])
+    if auto_pad not in ("NOTSET", "VALID"):
+        args.append(f"pad={auto_pad}")
+    elif pads and any(pads):
+        half = len(pads) // 2
+        if len(set(pads)) == 1:
+            args.append(f"pad={pads[0]}")
+        elif pads[:half] == pads[half:]:
+            args.append(f"pad={_tuple(pads[:half])}")
+        else:
+            args.append(f"pad={_tuple(pads)}")
+    return args + _stride_dilation(node, strides, dilations, kernel)
+
+
+def _stride_dilation(node: gs.Node, strides: list[int], dilations: list[int],
+                     kernel: list[int]) -> list[str]:
+    args = []
+    default_stride = kernel if node.op in ("MaxPool", "AveragePool") else [1] * len(kernel)
+    if strides and strides != default_stride:
+        args.append(f"stride={strides[0] if len(set(strides)) == 1 else _tuple(strides)}")
+    if dilations and any(d != 1 for d in dilations):
+        args.append(
+            f"dilation={dilations[0] if len(set(dilations)) == 1 else _tuple(dilations)}")
+    return args
+
+
+def summarize(graph: Graph, layer: Layer) -> str:
+    """A one-line description in Flux's style: ``Conv((3, 3), 3 => 8, relu, pad=1)``."""
+    node = layer.primary
+    act = _act_name(graph, layer.activation)
+    op = node.op
+    try:
+        if op == "Conv":
+            w = node.inputs[1]
+            wshape = graph.shape(w)
+            group = int(attr(node, "group", graph.opset, 1))
+            kernel = list(attr(node, "kernel_shape", graph.opset, None) or wshape[2:])
+            parts = [_tuple(kernel), f"{wshape[1] * group} => {wshape[0]}"]
+            if act:
+                parts.append(act)
+            parts += _window_args(graph, node, kernel)
+            if group != 1:
+                parts.append(f"groups={group}")
+            if (len(node.inputs) < 3 or not node.inputs[2].name) and layer.bias_add is None \
+                    and layer.batchnorm is None:
+                parts.append("bias=false")
+            if layer.batchnorm is not None:
+                parts.append("bn")
+            return f"Conv({', '.join(parts)})"
+        if op in ("Gemm", "MatMul"):
+            wshape = graph.shape(node.inputs[1])
+            trans_b = int(attr(node, "transB", graph.opset, 0)) if op == "Gemm" else 0
+            n_in, n_out = (wshape[1], wshape[0]) if trans_b else (wshape[-2], wshape[-1])
+            parts = [f"{n_in} => {n_out}"]
+            if act:
+                parts.append(act)
+            has_bias = layer.bias_add is not None or layer.batchnorm is not None or \
+                (op == "Gemm" and len(node.inputs) > 2 and bool(node.inputs[2].name))
+            if not has_bias:
+                parts.append("bias=false")
+            return f"Dense({', '.join(parts)})"
+        if op in ("MaxPool", "AveragePool"):
+            kernel = list(attr(node, "kernel_shape", graph.opset, []))
+            parts = [_tuple(kernel)] + _window_args(graph, node, kernel)
+            return f"{op}({', '.join(parts)})"
+        if op == "Dropout":
+            ratio = graph.const_value(node.inputs[1]) if len(node.inputs) > 1 and \
+                node.inputs[1].name else None
+            return f"Dropout({float(ratio) if ratio is not None else 0.5:g})"
+        if op == "Flatten":
+            axis = int(attr(node, "axis", graph.opset, 1))
+            return "Flatten()" if axis == 1 else f"Flatten(axis={axis})"
+        if op == "Reshape":
+            return f"Reshape({_tuple(graph.shape(layer.output)[1:])})"  # type: ignore[arg-type]
+        if op in ("ReduceMean", "ReduceMax", "ReduceSum"):
+            axes = attr(node, "axes", graph.opset, None)
+            if axes is None and len(node.inputs) > 1 and node.inputs[1].name:
+                value = graph.const_value(node.inputs[1])
+                axes = [] if value is None else [int(a) for a in np.ravel(value)]
+            return f"{op}(axes={_tuple(list(axes or []))})"
+        if op in ("Concat",):
+            return f"Concat(axis={int(attr(node, 'axis', graph.opset, 1))})"
+        if op in ACTIVATION_OPS:
+            return act or op
+        if op == "Identity":
+            return "identity"
+    except (TypeError, IndexError, ValueError):
+        pass
+    return f"{op}()"

@@ -1,0 +1,33 @@
+"""The sign-aware stabilizer and the input selectors, as ONNX ops."""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from .builder import Builder
+
+
+def stabilize(b: Builder, z: gs.Tensor, eps: float, tag: str = "stab") -> gs.Tensor:
+    """``z + eps * sign(z)`` with ``sign(0) = +1`` (Zennit's and RelevancePropagation.jl's).
+
+    Emitted as ``z + Where(z >= 0, eps, -eps)``: ``Sign`` alone maps 0 to 0 and would divide by
+    zero. ``-0.0 >= 0`` is true, so ``-0.0`` also gets ``+eps`` (as in Zennit).
+    """
+    ge = b.op("GreaterOrEqual", z, b.scalar(0.0), tag=f"{tag}/ge0")
+    shift = b.op("Where", ge, b.scalar(eps), b.scalar(-eps), tag=f"{tag}/shift")
+    return b.op("Add", z, shift, tag=tag)
+
+
+def positive(b: Builder, x: gs.Tensor) -> gs.Tensor:
+    """``max(x, 0)``."""
+    return b.op("Relu", x, tag="x+")
+
+
+def negative(b: Builder, x: gs.Tensor) -> gs.Tensor:
+    """``min(x, 0)``."""
+    return b.op("Min", x, b.scalar(0.0), tag="x-")
+
+
+def divide(b: Builder, r: gs.Tensor, z: gs.Tensor, eps: float, tag: str = "s") -> gs.Tensor:
+    """``r / stab(z)``."""
+    return b.op("Div", r, stabilize(b, z, eps, tag=f"{tag}/stab"), tag=tag)
