@@ -27,9 +27,14 @@ class CLIError(Exception):
 
 def _composite(args: argparse.Namespace) -> Any:
     from .composites import parse_composite
+    from .rulefile import load_rules
 
+    if getattr(args, "composite", None) and getattr(args, "rules", None):
+        raise CLIError("give either --composite or --rules, not both")
     if getattr(args, "composite", None):
         return parse_composite(args.composite)
+    if getattr(args, "rules", None):
+        return load_rules(args.rules)
     return None
 
 
@@ -51,8 +56,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     analyzer = LRP(src, _composite(args), normalize_output_relevance=not args.logit_seed,
                    output=args.output_name)
     analyzer.save(dest)
-    print(f"wrote {dest} ({len(analyzer.layers)} layers, composite "
-          f"{args.composite or 'ZeroRule everywhere'})")
+    how = args.composite or (f"rules from {args.rules}" if args.rules else "ZeroRule everywhere")
+    print(f"wrote {dest} ({len(analyzer.layers)} layers, {how})")
     return 0
 
 
@@ -150,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--composite", metavar="SPEC",
                    help="preset, e.g. EpsilonPlusFlat or 'EpsilonGammaBox(low=-3.0, high=3.0)'; "
                    "default: ZeroRule on every layer")
+    p.add_argument("--rules", metavar="FILE",
+                   help="a .toml or .json rule file spelling a Composite (see docs/cli.md)")
     p.add_argument("--output-name", metavar="NAME", help="graph output to explain (default: first)")
     p.add_argument("--logit-seed", action="store_true",
                    help="seed relevance with the target logit instead of 1")
@@ -159,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print each layer's index, summary and rule.")
     p.add_argument("model", metavar="MODEL", help="input .onnx model")
     p.add_argument("--composite", metavar="SPEC", help="preset name (see convert)")
+    p.add_argument("--rules", metavar="FILE", help="a .toml or .json rule file")
     p.add_argument("--output-name", metavar="NAME", help="graph output to explain")
     p.set_defaults(func=cmd_show)
 
