@@ -9,7 +9,16 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .analyzer import LRP, Explanation, compile, save_model  # noqa: E402
+from .analyzer import (  # noqa: E402
+    LRP,
+    Explanation,
+    FlatModel,
+    compile,
+    flatten_model,
+    lrp_rules,
+    save_model,
+    show_layer_indices,
+)
 from .composites import (  # noqa: E402
     PRESETS,
     ActivationLayer,
@@ -51,6 +60,7 @@ from .errors import (  # noqa: E402
     UnsupportedModel,
     UnsupportedOp,
 )
+from .tree import ChainTuple, ParallelTuple, SkipConnectionTuple  # noqa: E402
 from .rules import (  # noqa: E402
     AlphaBetaRule,
     EpsilonRule,
@@ -66,7 +76,8 @@ from .rules import (  # noqa: E402
 )
 
 __all__ = [
-    "LRP", "Explanation", "compile", "save_model", "PRESETS", "Composite", "LayerGroup",
+    "LRP", "Explanation", "FlatModel", "compile", "flatten_model", "lrp_rules", "save_model",
+    "show_layer_indices", "ChainTuple", "ParallelTuple", "SkipConnectionTuple", "PRESETS", "Composite", "LayerGroup",
     "ActivationLayer", "ConvLayer", "DenseLayer", "DropoutLayer", "MaxPoolLayer",
     "MeanPoolLayer", "NormalizationLayer", "PoolingLayer", "ReshapingLayer",
     "EpsilonAlpha2Beta1", "EpsilonAlpha2Beta1Flat", "EpsilonGammaBox", "EpsilonPlus",

@@ -20,7 +20,7 @@ from .graph import Graph
 from .layers import Layer, build_layers
 from .load import load_model
 from .rules import Rule, ZeroRule
-from .tree import Node, build_tree, nested_indices
+from .tree import ChainTuple, Node, _RuleTuple, build_tree, nested_indices, zip_rules
 
 ModelLike = "str | os.PathLike[str] | onnx.ModelProto"
 
@@ -51,20 +51,25 @@ def _meta_only(model: onnx.ModelProto) -> onnx.ModelProto:
     return meta
 
 
-def prepare(model: str | os.PathLike[str] | onnx.ModelProto, output: str | None = None) -> Prepared:
-    """Load, canonicalise and build the layer view of ``model``."""
+def prepare(model: Any, output: str | None = None) -> Prepared:
+    """Load, canonicalise and build the layer view of ``model`` (a path, a ``ModelProto`` or a
+    :class:`FlatModel`, whose layers form one flat chain)."""
+    flat = isinstance(model, FlatModel)
+    if flat:
+        model = model.source
     proto, label = load_model(model)
     proto = run_passes(proto, label)
     meta = _meta_only(proto)
     graph = Graph(proto, label, output)
     del proto
     layers = build_layers(graph)
-    tree = build_tree(layers)
+    tree = Node("chain", list(layers)) if flat else build_tree(layers)
     return Prepared(label, graph, layers, tree, nested_indices(tree), meta)
 
 
 def assign_rules(prep: Prepared, rules: Any, flatten: bool = True) -> list[Rule]:
-    """One rule per layer from ``None`` (ZeroRule), a ``Composite`` or a flat list of rules."""
+    """One rule per layer from ``None`` (ZeroRule), a ``Composite``, a flat list of rules or a
+    nested ``ChainTuple`` matching :func:`show_layer_indices` (with ``flatten=False``)."""
     n = len(prep.layers)
     if rules is None:
         return [ZeroRule()] * n
@@ -75,19 +80,68 @@ def assign_rules(prep: Prepared, rules: Any, flatten: bool = True) -> list[Rule]
             f"got a single rule {rules!r}; pass a list with one rule per layer or "
             f"Composite({rules!r}) to apply it everywhere"
         )
-    if isinstance(rules, Sequence) and not isinstance(rules, str):
-        flat = list(rules)
+    if isinstance(rules, _RuleTuple) and not flatten:
+        try:
+            pairs = zip_rules(prep.tree, rules)
+        except (TypeError, ValueError) as exc:
+            raise RuleAssignmentError(f"{prep.label}: rules do not match the model's structure "
+                                      f"{exc}; see show_layer_indices(model)") from None
+        by_index = {layer.index: rule for layer, rule in pairs}
+        flat = [by_index[i] for i in range(n)]
+    elif isinstance(rules, Sequence) and not isinstance(rules, str):
+        flat = list(rules.leaves()) if isinstance(rules, _RuleTuple) else list(rules)
         if len(flat) != n:
             raise RuleAssignmentError(
                 f"{prep.label}: expected {n} rules (one per layer of the flattened model), "
                 f"got {len(flat)}; see show_layer_indices(model)"
             )
-        for i, r in enumerate(flat):
-            if not isinstance(r, Rule):
-                raise RuleAssignmentError(f"rule {i + 1} is {r!r}, not a rule")
-        return flat
-    raise RuleAssignmentError(f"rules must be None, a Composite or a list of rules, not "
-                              f"{type(rules).__name__}")
+    else:
+        raise RuleAssignmentError(f"rules must be None, a Composite or a list of rules, not "
+                                  f"{type(rules).__name__}")
+    for i, r in enumerate(flat):
+        if not isinstance(r, Rule):
+            raise RuleAssignmentError(f"rule {i + 1} is {r!r}, not a rule")
+    return flat
+
+
+class FlatModel(ChainTuple):
+    """The flattened layer list of a model (``flatten_model``); ``LRP`` accepts it as a model."""
+
+    source: Any
+
+    def __new__(cls, source: Any, layers: Sequence[Layer]) -> FlatModel:
+        obj = super().__new__(cls, *layers)
+        obj.source = source
+        return obj  # type: ignore[return-value]
+
+    def __getnewargs__(self) -> tuple[Any, ...]:
+        return (self.source, tuple(self))
+
+    def lines(self, item: Any = None) -> list[str]:
+        return ["Chain(", *super().lines(item)[1:]]
+
+
+def flatten_model(model: Any) -> FlatModel:
+    """The model's layers as one flat chain (RelevancePropagation.jl's ``flatten_model``).
+
+    ``LRP``, ``lrp_rules`` and ``show_layer_indices`` accept the result; positions then count
+    along the flat chain.
+    """
+    prep = prepare(model)
+    return FlatModel(model.source if isinstance(model, FlatModel) else model, prep.layers)
+
+
+def show_layer_indices(model: Any) -> _RuleTuple:
+    """The nested index of every layer, in the model's structure (``ChainTuple((1, 1), ...)``)."""
+    prep = prepare(model)
+    return prep.tree.map(lambda layer: prep.indices[layer.index])
+
+
+def lrp_rules(model: Any, composite: Composite) -> _RuleTuple:
+    """The rule ``composite`` assigns to each layer, in the model's structure, without compiling."""
+    prep = prepare(model)
+    rules = assign_rules(prep, composite)
+    return prep.tree.map(lambda layer: rules[layer.index])
 
 
 @dataclass
@@ -140,8 +194,12 @@ class LRP:
     def __init__(self, model: str | os.PathLike[str] | onnx.ModelProto, rules: Any = None,
                  flatten: bool = True, *, normalize_output_relevance: bool = True,
                  output: str | None = None) -> None:
+        if isinstance(model, FlatModel):
+            flatten = True
         prep = prepare(model, output)
         self.rules: list[Rule] = assign_rules(prep, rules, flatten)
+        self.flatten = flatten
+        self.tree = prep.tree
         self.layers: list[Layer] = prep.layers
         self.indices = prep.indices
         self.input_name = prep.graph.data_input.name
@@ -155,7 +213,12 @@ class LRP:
 
     def __repr__(self) -> str:
         lines = ["LRP("]
-        lines += [f"  {la.summary} => {rule!r}," for la, rule in zip(self.layers, self.rules)]
+        if self.flatten:
+            lines += [f"  {la.summary} => {r!r}," for la, r in zip(self.layers, self.rules)]
+        else:
+            nested = self.tree.map(lambda la: la).lines(
+                lambda la: f"{la.summary} => {self.rules[la.index]!r}")
+            lines += nested[1:-1]
         lines.append(")")
         return "\n".join(lines)
 

@@ -336,7 +336,8 @@ class Composite:
         lines = ["Composite("]
         for prim in self.primitives:
             body = prim.lines()
-            body[-1] += ","
+            text, sep, comment = body[-1].partition("  # ")
+            body[-1] = f"{text},{sep}{comment}"
             lines += ["  " + line for line in body]
         lines.append(")")
         return "\n".join(lines)

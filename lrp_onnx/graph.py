@@ -42,8 +42,9 @@ def scope_of(node: onnx.NodeProto) -> tuple[str, ...]:
       (``": Seq/0: Seq/0.0: Conv2d/conv2d: aten.conv2d"``); the last entry is the op itself.
     * torch legacy: the node name ``/0/0.0/Conv`` or ``/layer1/layer1.0/conv1/Conv``.
 
-    Components that repeat their parent's qualified name (``0`` then ``0.0``) are merged, so both
-    spellings give the module path ``("0", "0")`` for the first conv of ``Sequential(Sequential(...))``.
+    Both spellings give the module path ``("0", "0")`` for the first conv of
+    ``Sequential(Sequential(...))`` and ``("layer2", "0", "downsample", "0")`` for a ResNet
+    shortcut conv.
     """
     meta = {p.key: p.value for p in node.metadata_props}
     parts: list[str] = []
@@ -58,17 +59,18 @@ def scope_of(node: onnx.NodeProto) -> tuple[str, ...]:
         parts = [e.split(":", 1)[0].strip() for e in entries][:-1]
     elif node.name.startswith("/"):
         parts = node.name.split("/")[1:-1]
-    qualified = ""
+    path: list[str] = []
+    prev = ""
     for part in parts:
         if not part:
             continue
-        if qualified and part.startswith(qualified + "."):
-            qualified = part
-        elif qualified:
-            qualified = f"{qualified}.{part}"
-        else:
-            qualified = part
-    return tuple(qualified.split(".")) if qualified else ()
+        # legacy names repeat the parent's name ("0" then "0.0", "downsample" then
+        # "downsample.0"); dynamo gives full qualified names ("layer1", "layer1.0"): in both a
+        # component that extends the previous one adds only its suffix.
+        rel = part[len(prev) + 1:] if prev and part.startswith(prev + ".") else part
+        path += rel.split(".")
+        prev = part
+    return tuple(path)
 
 
 class Graph:

@@ -271,7 +271,7 @@ def summarize(graph: Graph, layer: Layer) -> str:
         if op in ("Concat",):
             return f"Concat(axis={int(attr(node, 'axis', graph.opset, 1))})"
         if op in ACTIVATION_OPS:
-            return act or op
+            return act or _act_name(graph, node) or op
         if op == "Identity":
             return "identity"
     except (TypeError, IndexError, ValueError):

@@ -105,6 +105,14 @@ class Rule:
     #: Fields always shown by ``repr``; the others only when they differ from their default.
     _shown: ClassVar[tuple[str, ...]] = ()
 
+    def __post_init__(self) -> None:
+        # Hyper-parameters are floats: AlphaBetaRule(2, 1) == AlphaBetaRule(2.0, 1.0).
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(f.default, float) and isinstance(value, (int, float, np.number)) \
+                    and not isinstance(value, bool):
+                object.__setattr__(self, f.name, float(value))
+
     def __repr__(self) -> str:
         parts = []
         for f in fields(self):
@@ -248,6 +256,7 @@ class AlphaBetaRule(LinearRule):
     _shown: ClassVar[tuple[str, ...]] = ("alpha", "beta")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.alpha < 0 or self.beta < 0:
             raise ValueError(f"AlphaBetaRule: alpha and beta must be >= 0, got "
                              f"alpha={self.alpha}, beta={self.beta}")
@@ -319,6 +328,7 @@ class ZBoxRule(LinearRule):
     _shown: ClassVar[tuple[str, ...]] = ("low", "high")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         object.__setattr__(self, "low", _bound(self.low))
         object.__setattr__(self, "high", _bound(self.high))
 

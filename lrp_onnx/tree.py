@@ -1,26 +1,103 @@
-"""The nested layer tree built from the exporter's module scopes (``show_layer_indices``).
+"""The nested layer structure: ``ChainTuple`` / ``ParallelTuple`` / ``SkipConnectionTuple``.
 
-A layer's module path comes from :func:`lrp_onnx.graph.scope_of`. A path that is a strict prefix
-of another layer's path is a container (a ``Sequential``, a ``BasicBlock``); a layer whose path is
-a container (a functional ``Add`` inside a block) sits inside it, any other layer sits in its
-path's parent. Children keep their first-appearance (topological) order. A model without scopes
-is one flat chain.
+The tree is built in two steps:
+
+1. **Module scopes.** A layer's module path comes from :func:`lrp_onnx.graph.scope_of`. A path
+   that is a strict prefix of another layer's path is a container (``Sequential``,
+   ``BasicBlock``); a layer whose own path is a container (a functional ``Add`` inside a block)
+   sits in it, any other layer sits in its path's parent. Children keep their topological order.
+   A model without scopes is one flat chain.
+2. **Merges.** Inside each container, an ``Add``/``Sum``/``Concat`` layer with several data inputs
+   splits the units before it into branches: units feeding none of its inputs stay in front; if
+   exactly one input comes through layers and the other straight from the fork, those layers form a
+   ``SkipConnectionTuple`` (a residual block); if every input comes through its own layers, they
+   form a ``ParallelTuple`` of branches. The merge layer itself follows (it has its own rule, the
+   proportional split). Where branches are not disjoint the container stays a plain chain.
+
+Positions are 1-based, as RelevancePropagation.jl's ``show_layer_indices`` prints them. As there,
+a ``SkipConnectionTuple`` wraps a multi-layer content in a ``ChainTuple``, and a branch of one
+layer is not wrapped.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .layers import Layer
 
+MERGE_KINDS = frozenset({"Add", "Sum", "Concat"})
 
+
+# -- the tuple containers (the seed page's ChainTuple & co.) ---------------------------------------
+class _RuleTuple(tuple):  # type: ignore[type-arg]
+    """A tuple that prints as ``Name(\\n  item,\\n  ...\\n)`` and equals only its own kind."""
+
+    def __new__(cls, *items: Any) -> _RuleTuple:
+        return super().__new__(cls, items)
+
+    def __repr__(self) -> str:
+        return "\n".join(self.lines())
+
+    def lines(self, item: Any = None) -> list[str]:
+        out = [f"{type(self).__name__}("]
+        for child in self:
+            if isinstance(child, _RuleTuple):
+                sub = child.lines(item)
+                out += ["  " + s for s in sub[:-1]] + ["  " + sub[-1] + ","]
+            else:
+                out.append(f"  {item(child) if item else _leaf(child)},")
+        out.append(")")
+        return out
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and tuple.__eq__(self, other)  # type: ignore[arg-type]
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, tuple(self)))
+
+    def __getnewargs__(self) -> tuple[Any, ...]:
+        return tuple(self)
+
+    def leaves(self) -> Iterator[Any]:
+        """Items in order, descending into nested containers."""
+        for child in self:
+            if isinstance(child, _RuleTuple):
+                yield from child.leaves()
+            else:
+                yield child
+
+
+def _leaf(value: Any) -> str:
+    if isinstance(value, Layer):
+        return value.summary
+    return repr(value)
+
+
+class ChainTuple(_RuleTuple):
+    """Rules (or indices, or layers) of a chain, in order."""
+
+
+class ParallelTuple(_RuleTuple):
+    """One entry per parallel branch (branches merged by Add/Sum/Concat)."""
+
+
+class SkipConnectionTuple(_RuleTuple):
+    """The layers of a residual branch whose input is also added to its output."""
+
+
+# -- building the tree -----------------------------------------------------------------------------
 @dataclass(eq=False)
 class Node:
-    """A container in the layer tree: ``children`` are layers or nested containers."""
+    """A container: ``kind`` is ``"chain"``, ``"parallel"`` or ``"skip"``."""
 
-    path: tuple[str, ...]
+    kind: str
     children: list[Layer | Node] = field(default_factory=list)
+    path: tuple[str, ...] = ()
 
     def leaves(self) -> Iterator[Layer]:
         for child in self.children:
@@ -29,26 +106,99 @@ class Node:
             else:
                 yield child
 
+    def map(self, fn: Any) -> _RuleTuple:
+        """The same structure as tuples, with ``fn(layer)`` at the leaves."""
+        cls = {"chain": ChainTuple, "parallel": ParallelTuple, "skip": SkipConnectionTuple}
+        items = [c.map(fn) if isinstance(c, Node) else fn(c) for c in self.children]
+        return cls[self.kind](*items)
 
-def build_tree(layers: Sequence[Layer]) -> Node:
-    """The container tree of ``layers`` (see the module docstring)."""
+
+def _scope_tree(layers: Sequence[Layer]) -> Node:
     paths = [la.scope for la in layers]
     containers = {p[:k] for p in paths for k in range(1, len(p))}
-    root = Node(())
+    root = Node("chain")
     index: dict[tuple[str, ...], Node] = {(): root}
 
     def container(path: tuple[str, ...]) -> Node:
         if path not in index:
             parent = container(path[:-1])
-            node = Node(path)
+            node = Node("chain", path=path)
             parent.children.append(node)
             index[path] = node
         return index[path]
 
     for layer in layers:
-        path = layer.scope
-        owner = path if path in containers else path[:-1]
+        owner = layer.scope if layer.scope in containers else layer.scope[:-1]
         container(owner).children.append(layer)
+    return root
+
+
+def _unit_io(unit: Layer | Node) -> tuple[set[str], set[str]]:
+    """``(values read from outside, values produced)`` of a unit."""
+    leaves = [unit] if isinstance(unit, Layer) else list(unit.leaves())
+    produced = {la.output.name for la in leaves}
+    reads = {t.name for la in leaves for t in la.inputs} - produced
+    return reads, produced
+
+
+def _wrap(units: list[Layer | Node]) -> Layer | Node:
+    return units[0] if len(units) == 1 else Node("chain", units)
+
+
+def _structure(units: list[Layer | Node]) -> list[Layer | Node]:
+    """Regroup a container's units around merge layers (see the module docstring)."""
+    for u in units:
+        if isinstance(u, Node):
+            u.children = _structure(u.children)
+    io = [_unit_io(u) for u in units]
+    producer: dict[str, int] = {}
+    for i, (_, produced) in enumerate(io):
+        for name in produced:
+            producer[name] = i
+    out: list[Layer | Node] = []
+    start = 0
+    for j, unit in enumerate(units):
+        if not (isinstance(unit, Layer) and unit.kind in MERGE_KINDS and len(unit.inputs) > 1):
+            continue
+        segment = range(start, j)
+        branches: list[set[int]] = []
+        for value in unit.inputs:
+            members: set[int] = set()
+            todo = [producer[value.name]] if producer.get(value.name, -1) in segment else []
+            while todo:
+                k = todo.pop()
+                if k in members:
+                    continue
+                members.add(k)
+                todo += [producer[n] for n in io[k][0] if producer.get(n, -1) in segment]
+            branches.append(members)
+        used = set().union(*branches)
+        prefix = [k for k in segment if k not in used]
+        disjoint = sum(len(b) for b in branches) == len(used)
+        ordered = not prefix or not used or max(prefix) < min(used)
+        # the prefix must not feed a branch from the middle: every branch starts at the fork
+        non_empty = [sorted(b) for b in branches if b]
+        if not disjoint or not ordered or not non_empty:
+            out += [units[k] for k in segment] + [unit]
+            start = j + 1
+            continue
+        out += [units[k] for k in prefix]
+        if len(non_empty) == 1 and len(branches) == 2:
+            out.append(Node("skip", [_wrap([units[k] for k in non_empty[0]])]))
+        elif len(non_empty) == len(branches):
+            out.append(Node("parallel", [_wrap([units[k] for k in b]) for b in non_empty]))
+        else:
+            out += [units[k] for b in non_empty for k in b]
+        out.append(unit)
+        start = j + 1
+    out += units[start:]
+    return out
+
+
+def build_tree(layers: Sequence[Layer]) -> Node:
+    """The nested structure of ``layers`` (see the module docstring)."""
+    root = _scope_tree(layers)
+    root.children = _structure(root.children)
     return root
 
 
@@ -65,3 +215,28 @@ def nested_indices(root: Node) -> dict[int, tuple[int, ...]]:
 
     walk(root, ())
     return out
+
+
+def zip_rules(root: Node, rules: _RuleTuple) -> list[tuple[Layer, Any]]:
+    """Pair each layer with the rule at the same place in ``rules``; the structures must match."""
+    pairs: list[tuple[Layer, Any]] = []
+
+    def walk(node: Node, value: Any, where: str) -> None:
+        cls = {"chain": ChainTuple, "parallel": ParallelTuple, "skip": SkipConnectionTuple}
+        want = cls[node.kind]
+        if not isinstance(value, _RuleTuple) or type(value) is not want:
+            got = type(value).__name__
+            raise TypeError(f"at {where or 'top level'}: expected a {want.__name__} with "
+                            f"{len(node.children)} entries, got {got}")
+        if len(value) != len(node.children):
+            raise ValueError(f"at {where or 'top level'}: {want.__name__} has {len(value)} "
+                             f"entries, the model has {len(node.children)} there")
+        for pos, (child, sub) in enumerate(zip(node.children, value), start=1):
+            here = f"{where}[{pos}]" if where else f"[{pos}]"
+            if isinstance(child, Node):
+                walk(child, sub, here)
+            else:
+                pairs.append((child, sub))
+
+    walk(root, rules, "")
+    return pairs
