@@ -56,5 +56,8 @@ def make_session(model: onnx.ModelProto | str | os.PathLike[str], *, device: str
     if strict_device:
         opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     provs = providers if providers is not None else default_providers(device)
+    if strict_device:
+        # ORT refuses a session that lists the CPU EP while CPU fallback is disabled.
+        provs = [p for p in provs if (p[0] if isinstance(p, tuple) else p) != CPU] or provs
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(source, opts, providers=provs)

@@ -1,0 +1,246 @@
+"""Benchmark compiled LRP against the ORT forward pass and Zennit, side by side in one run.
+
+    python scripts/bench.py [--models vgg16,resnet50] [--batches 1,8] [--devices cpu,cuda]
+                            [--composites zero,epsilon_plus_flat] [--threads 2] [--repeat 10]
+                            [--json out.json] [--smoke]
+
+For every model x device x batch x composite it reports, as medians of ``--repeat`` runs after
+warm-up: ORT forward ms (the original model), compiled LRP ms (one call: forward + relevance),
+their ratio, Zennit ms for EpsilonPlusFlat (registration done once, outside the timed loop), the
+Zennit / compiled speed-up, the compile time and the compiler's peak RSS (measured in a child
+process) next to the model's size. CUDA timings bind inputs and outputs on the device (IO
+binding), so neither side pays host copies. ``--smoke`` runs the seed model for a few iterations
+(CI uses it; no timing is asserted anywhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MODELS = {  # name: (torchvision builder or None, input shape, zennit canonizer)
+    "seed": (None, (3, 32, 32), None),
+    "vgg16": ("vgg16", (3, 224, 224), "VGGCanonizer"),
+    "resnet18": ("resnet18", (3, 224, 224), "ResNetCanonizer"),
+    "resnet50": ("resnet50", (3, 224, 224), "ResNetCanonizer"),
+}
+COMPOSITES = ("zero", "epsilon_plus_flat")
+
+
+def torch_model(name: str) -> Any:
+    import torch
+
+    torch.manual_seed(0)
+    if name == "seed":
+        from lrp_onnx.oracle import seed_vgg
+
+        return seed_vgg(0)
+    import torchvision
+
+    return getattr(torchvision.models, MODELS[name][0])(weights=None).eval()
+
+
+def export_model(name: str, folder: Path) -> Path:
+    import torch
+
+    from lrp_onnx.oracle import export
+
+    if name == "seed":
+        return ROOT / "models" / "seed_vgg.onnx"
+    path = folder / f"{name}.onnx"
+    if not path.exists():
+        export(torch_model(name), path, torch.zeros(1, *MODELS[name][1]))
+    return path
+
+
+def _compile_child(src: str, dest: str, composite: str, queue: Any) -> None:
+    import lrp_onnx as L
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    comp = None if composite == "zero" else L.EpsilonPlusFlat()
+    analyzer = L.LRP(src, comp)
+    seconds = time.perf_counter() - t0
+    analyzer.save(dest)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    queue.put({"compile_s": seconds, "peak_rss_mb": (peak - base) / 1024,
+               "base_rss_mb": base / 1024})
+
+
+def compile_measured(src: Path, dest: Path, composite: str) -> dict[str, float]:
+    """Compile in a fresh process: wall time and peak RSS (ru_maxrss) of that process."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_compile_child, args=(str(src), str(dest), composite, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def session(path: Path, device: str, threads: int) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" \
+        else ["CPUExecutionProvider"]
+    sess = ort.InferenceSession(str(path), opts, providers=providers)
+    if sess.get_providers()[0] != providers[0]:
+        raise RuntimeError(f"{device} requested but session runs on {sess.get_providers()}")
+    return sess
+
+
+def timed(fn: Any, repeat: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def ort_runner(sess: Any, x: np.ndarray, device: str, compiled: bool) -> Any:
+    import onnxruntime as ort
+
+    feeds: dict[str, Any] = {sess.get_inputs()[0].name: x}
+    if compiled:
+        feeds["target"] = np.full(len(x), -1, dtype=np.int64)
+    if device == "cpu":
+        return lambda: sess.run(None, feeds)
+    io = sess.io_binding()
+    for name, value in feeds.items():
+        io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
+    for out in sess.get_outputs():
+        io.bind_output(out.name, "cuda")
+    return lambda: sess.run_with_iobinding(io)
+
+
+def zennit_runner(name: str, x: np.ndarray, device: str) -> Any:
+    import torch
+    import zennit.torchvision as ztv
+    from zennit.attribution import Gradient
+    from zennit.composites import EpsilonPlusFlat
+
+    model = torch_model(name).to(device)
+    canon = MODELS[name][2]
+    composite = EpsilonPlusFlat(canonizers=[getattr(ztv, canon)()] if canon else None)
+    xt = torch.from_numpy(x).to(device)
+    attributor = Gradient(model, composite)
+    attributor.__enter__()
+
+    def run() -> None:
+        out = model(xt)
+        onehot = torch.nn.functional.one_hot(out.argmax(1), out.shape[1]).to(xt.dtype)
+        attributor(xt, onehot)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return run
+
+
+def machine() -> dict[str, Any]:
+    import onnxruntime as ort
+
+    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
+                            "cpus": os.cpu_count(), "onnxruntime": ort.__version__}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    try:
+        import zennit
+
+        info["zennit"] = getattr(zennit, "__version__", "?")
+    except ImportError:
+        pass
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="vgg16,resnet50")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--devices", default="cpu")
+    parser.add_argument("--composites", default=",".join(COMPOSITES))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--no-zennit", action="store_true")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--smoke", action="store_true", help="seed model, batch 1, 2 repeats")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.models, args.batches, args.repeat = "seed", "1", 2
+    import torch
+
+    torch.set_num_threads(args.threads)
+    info = machine()
+    print("# " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    print(f"# threads={args.threads} repeat={args.repeat} (medians after 2 warm-up runs)")
+    rows: list[dict[str, Any]] = []
+    header = (f"{'model':<9} {'dev':<4} {'N':>3} {'composite':<18} {'fwd ms':>8} {'lrp ms':>8} "
+              f"{'ratio':>6} {'zennit ms':>9} {'speedup':>7} {'compile s':>9} {'RSS/size':>8}")
+    print(header)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for name in args.models.split(","):
+            src = export_model(name, folder)
+            size_mb = src.stat().st_size / 2**20
+            compiled: dict[str, tuple[Path, dict[str, float]]] = {}
+            for comp in args.composites.split(","):
+                dest = folder / f"{name}.{comp}.lrp.onnx"
+                compiled[comp] = (dest, compile_measured(src, dest, comp))
+            for device in args.devices.split(","):
+                fwd_sess = session(src, device, args.threads)
+                lrp_sess = {c: session(p, device, args.threads) for c, (p, _) in compiled.items()}
+                for n in (int(b) for b in args.batches.split(",")):
+                    x = np.random.default_rng(0).standard_normal(
+                        (n, *MODELS[name][1])).astype(np.float32)
+                    fwd = timed(ort_runner(fwd_sess, x, device, False), args.repeat)
+                    zen = None
+                    if not args.no_zennit:
+                        zen = timed(zennit_runner(name, x, device), max(3, args.repeat // 2))
+                    for comp, (_, cinfo) in compiled.items():
+                        lrp = timed(ort_runner(lrp_sess[comp], x, device, True), args.repeat)
+                        row = {"model": name, "device": device, "batch": n, "composite": comp,
+                               "forward_ms": fwd, "lrp_ms": lrp, "ratio": lrp / fwd,
+                               "zennit_epsilon_plus_flat_ms": zen,
+                               "zennit_speedup": (zen / lrp) if zen else None,
+                               "compile_s": cinfo["compile_s"],
+                               "peak_rss_mb": cinfo["peak_rss_mb"], "model_mb": size_mb}
+                        rows.append(row)
+                        zs = f"{zen:9.1f}" if zen else f"{'-':>9}"
+                        sp = f"{zen / lrp:7.1f}" if zen and comp != "zero" else f"{'-':>7}"
+                        print(f"{name:<9} {device:<4} {n:>3} {comp:<18} {fwd:8.2f} {lrp:8.2f} "
+                              f"{lrp / fwd:6.2f} {zs} {sp} {cinfo['compile_s']:9.2f} "
+                              f"{cinfo['peak_rss_mb'] / size_mb:8.2f}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": info, "args": vars(args),
+                                               "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
