@@ -60,7 +60,6 @@ from .errors import (  # noqa: E402
     UnsupportedModel,
     UnsupportedOp,
 )
-from .tree import ChainTuple, ParallelTuple, SkipConnectionTuple  # noqa: E402
 from .rules import (  # noqa: E402
     AlphaBetaRule,
     EpsilonRule,
@@ -74,10 +73,12 @@ from .rules import (  # noqa: E402
     ZeroRule,
     ZPlusRule,
 )
+from .tree import ChainTuple, ParallelTuple, SkipConnectionTuple  # noqa: E402
 
 __all__ = [
     "LRP", "Explanation", "FlatModel", "compile", "flatten_model", "lrp_rules", "save_model",
-    "show_layer_indices", "ChainTuple", "ParallelTuple", "SkipConnectionTuple", "PRESETS", "Composite", "LayerGroup",
+    "show_layer_indices", "ChainTuple", "ParallelTuple", "SkipConnectionTuple", "PRESETS",
+    "Composite", "LayerGroup",
     "ActivationLayer", "ConvLayer", "DenseLayer", "DropoutLayer", "MaxPoolLayer",
     "MeanPoolLayer", "NormalizationLayer", "PoolingLayer", "ReshapingLayer",
     "EpsilonAlpha2Beta1", "EpsilonAlpha2Beta1Flat", "EpsilonGammaBox", "EpsilonPlus",

@@ -7,7 +7,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -110,9 +110,9 @@ class FlatModel(ChainTuple):
     source: Any
 
     def __new__(cls, source: Any, layers: Sequence[Layer]) -> FlatModel:
-        obj = super().__new__(cls, *layers)
+        obj = cast(FlatModel, super().__new__(cls, *layers))
         obj.source = source
-        return obj  # type: ignore[return-value]
+        return obj
 
     def __getnewargs__(self) -> tuple[Any, ...]:
         return (self.source, tuple(self))
@@ -268,6 +268,6 @@ def run_compiled(session: Any, x: np.ndarray, target: Any, input_name: str, outp
 def compile(model: str | os.PathLike[str] | onnx.ModelProto,  # noqa: A001 (API name)
             rules: Any = None, *, flatten: bool = True, normalize_output_relevance: bool = True,
             output: str | None = None) -> onnx.ModelProto:
-    """Compile ``model`` with ``rules`` and return the compiled ``ModelProto`` (see :class:`LRP`)."""
+    """Compile ``model`` with ``rules``; returns the compiled ``ModelProto`` (see :class:`LRP`)."""
     return LRP(model, rules, flatten, normalize_output_relevance=normalize_output_relevance,
                output=output).model

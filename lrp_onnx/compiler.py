@@ -108,7 +108,7 @@ def _export(graph: Graph, meta: onnx.ModelProto | None, layers: Sequence[Layer],
     kwargs = {}
     if src is not None:
         kwargs["opset_imports"] = list(src.opset_import)
-    model = gs.export_onnx(graph.gs, do_type_check=True, **kwargs)
+    model: onnx.ModelProto = gs.export_onnx(graph.gs, do_type_check=True, **kwargs)
     if src is not None:
         model.ir_version = src.ir_version
         model.producer_name = src.producer_name

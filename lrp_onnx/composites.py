@@ -17,7 +17,7 @@ import ast
 import fnmatch
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from .errors import RuleAssignmentError
 from .layers import ACTIVATION_OPS, Layer
@@ -65,7 +65,7 @@ GROUPS: dict[str, LayerGroup] = {
 }
 GROUPS["Dense"] = DenseLayer
 
-TypeKey = Union[str, LayerGroup]
+TypeKey = str | LayerGroup
 
 
 def _matches(key: TypeKey, kind: str) -> bool:
@@ -98,7 +98,7 @@ def _positions(spec: Any) -> tuple[int, ...]:
     return tuple(int(i) for i in spec)
 
 
-def _type_map(pairs: Mapping[TypeKey, Rule] | Iterable[tuple[TypeKey, Rule]]
+def _type_map(pairs: Mapping[Any, Any] | Iterable[tuple[Any, Any]]
               ) -> tuple[tuple[TypeKey, Rule], ...]:
     items = list(pairs.items()) if isinstance(pairs, Mapping) else list(pairs)
     for key, rule in items:
@@ -181,7 +181,7 @@ class LayerMap(_RulePrimitive):
 
 @dataclass(frozen=True, repr=False)
 class RangeMap(_RulePrimitive):
-    """Apply ``rule`` to top-level positions in ``positions`` (e.g. ``range(4, 11)`` = Julia 4:10)."""
+    """Apply ``rule`` to top-level ``positions`` (``range(4, 11)`` is Julia's ``4:10``)."""
 
     positions: Any
     rule: Rule
@@ -238,7 +238,7 @@ class GlobalTypeMap(_TypeMapPrimitive):
 
     comment = "all layers"
 
-    def __init__(self, pairs: Mapping[TypeKey, Rule] | Iterable[tuple[TypeKey, Rule]]) -> None:
+    def __init__(self, pairs: Mapping[Any, Any] | Iterable[tuple[Any, Any]]) -> None:
         self.pairs = _type_map(pairs)
 
     def rule_for(self, info: LayerInfo) -> Rule | None:
@@ -255,7 +255,7 @@ class RangeTypeMap(GlobalTypeMap):
     """A type map on top-level ``positions``."""
 
     def __init__(self, positions: Any,
-                 pairs: Mapping[TypeKey, Rule] | Iterable[tuple[TypeKey, Rule]]) -> None:
+                 pairs: Mapping[Any, Any] | Iterable[tuple[Any, Any]]) -> None:
         super().__init__(pairs)
         self.positions = _positions(positions)
 
@@ -289,7 +289,7 @@ class FirstNTypeMap(GlobalTypeMap):
     """A type map on the first ``n`` top-level positions."""
 
     def __init__(self, n: int,
-                 pairs: Mapping[TypeKey, Rule] | Iterable[tuple[TypeKey, Rule]]) -> None:
+                 pairs: Mapping[Any, Any] | Iterable[tuple[Any, Any]]) -> None:
         super().__init__(pairs)
         self.n = int(n)
 
@@ -392,7 +392,7 @@ def EpsilonAlpha2Beta1Flat(*, epsilon: float = 1e-6) -> Composite:  # noqa: N802
 
 def EpsilonGammaBox(low: Any, high: Any, *, epsilon: float = 1e-6,  # noqa: N802
                     gamma: float = 0.25) -> Composite:
-    """GammaRule on convolutions, ZBoxRule(low, high) on a first convolution, EpsilonRule on dense."""
+    """GammaRule on convolutions, ZBoxRule(low, high) on a first one, EpsilonRule on dense."""
     return Composite(_base_map(GammaRule(gamma=gamma), epsilon),
                      FirstLayerTypeMap({ConvLayer: ZBoxRule(low, high)}))
 
@@ -442,6 +442,7 @@ def parse_composite(spec: str) -> Composite:
     if func not in PRESETS:
         raise RuleAssignmentError(f"unknown composite preset {func!r}; presets: {names}")
     try:
-        return PRESETS[func](*args, **kwargs)  # type: ignore[operator]
+        composite: Composite = PRESETS[func](*args, **kwargs)  # type: ignore[operator]
+        return composite
     except TypeError as exc:
         raise RuleAssignmentError(f"composite {spec!r}: {exc}") from None

@@ -178,7 +178,8 @@ class Graph:
         nonneg: set[str] = set()
         for node in self.nodes:
             ins = self.data_inputs(node)
-            consts = [self.const_value(t) for t in node.inputs if t.name and t.name not in self.data]
+            consts = [self.const_value(t) for t in node.inputs
+                      if t.name and t.name not in self.data]
             ok = False
             if node.op in _NONNEG_ALWAYS:
                 ok = True
@@ -250,7 +251,8 @@ class Graph:
         return [int(d) for d in rest]  # type: ignore[arg-type]
 
     def dtype(self, t: gs.Tensor) -> np.dtype[Any]:
-        return np.dtype(t.dtype)
+        dt: np.dtype[Any] = np.dtype(t.dtype)
+        return dt
 
 
 def _schema_default(op: str, name: str, opset: int, domain: str = "") -> Any:

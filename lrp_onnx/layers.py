@@ -180,7 +180,7 @@ def _act_name(graph: Graph, node: gs.Node | None) -> str | None:
         if lo is not None and hi is not None and float(lo) == 0.0 and float(hi) == 6.0:
             return "relu6"
         return "clip"
-    return _ACT_NAMES.get(node.op, node.op.lower())
+    return _ACT_NAMES.get(str(node.op), str(node.op).lower())
 
 
 def _window_args(graph: Graph, node: gs.Node, kernel: list[int]) -> list[str]:
@@ -225,7 +225,7 @@ def summarize(graph: Graph, layer: Layer) -> str:
             wshape = graph.shape(w)
             group = int(attr(node, "group", graph.opset, 1))
             kernel = list(attr(node, "kernel_shape", graph.opset, None) or wshape[2:])
-            parts = [_tuple(kernel), f"{wshape[1] * group} => {wshape[0]}"]
+            parts = [_tuple(kernel), f"{int(wshape[1] or 0) * group} => {wshape[0]}"]
             if act:
                 parts.append(act)
             parts += _window_args(graph, node, kernel)

@@ -1,4 +1,4 @@
-"""Load and validate an ONNX model: path or ``ModelProto`` in, a private, checked ``ModelProto`` out."""
+"""Load and validate an ONNX model: a path or ``ModelProto`` in, a private checked copy out."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 TOML (Python's own ``tomllib``; JSON has the same structure)::
 
-    preset = "EpsilonPlusFlat"            # optional starting point, e.g. "EpsilonGammaBox(low=-3, high=3)"
+    preset = "EpsilonPlusFlat"            # optional, e.g. "EpsilonGammaBox(low=-3, high=3)"
 
     [[map]]                               # primitives, applied in order after the preset
     type = "GlobalTypeMap"                # later entries overwrite earlier ones
@@ -92,7 +92,7 @@ def _primitive(entry: dict[str, Any], where: str) -> C.Primitive:
     kind = entry.get("type")
     try:
         if kind in _RULE_PRIMS:
-            return _RULE_PRIMS[kind](parse_rule(entry["rule"]))  # type: ignore[abstract]
+            return _RULE_PRIMS[kind](parse_rule(entry["rule"]))
         if kind in _TYPE_PRIMS:
             pairs = {_type_key(k): parse_rule(v) for k, v in dict(entry["rules"]).items()}
             return _TYPE_PRIMS[kind](pairs)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 
@@ -52,19 +52,19 @@ class Mod:
         if self.kind == "id":
             return p
         if self.kind == "pos":
-            return np.maximum(p, 0)
+            return np.asarray(np.maximum(p, 0))
         if self.kind == "neg":
-            return np.minimum(p, 0)
+            return np.asarray(np.minimum(p, 0))
         if self.kind == "square":
-            return p * p
+            return np.asarray(p * p)
         if self.kind == "ones":
-            return np.ones_like(p)
+            return np.asarray(np.ones_like(p))
         if self.kind == "zero":
-            return np.zeros_like(p)
+            return np.asarray(np.zeros_like(p))
         if self.kind == "gamma_pos":
-            return p + self.gamma * np.maximum(p, 0)
+            return np.asarray(p + self.gamma * np.maximum(p, 0))
         if self.kind == "gamma_neg":
-            return p + self.gamma * np.minimum(p, 0)
+            return np.asarray(p + self.gamma * np.minimum(p, 0))
         raise ValueError(f"unknown parameter modifier {self.kind!r}")
 
     @property
@@ -138,8 +138,8 @@ class LinearRule(Rule):
 
     @property
     def eps(self) -> float:
-        """The stabilizer added to denominators."""
-        return float(getattr(self, "stabilizer"))
+        """The stabilizer added to denominators (every subclass has a ``stabilizer`` field)."""
+        return float(cast(Any, self).stabilizer)
 
     def groups(self) -> tuple[Group, ...]:
         raise NotImplementedError
@@ -185,7 +185,7 @@ class EpsilonRule(LinearRule):
 
 @dataclass(frozen=True, repr=False)
 class GammaRule(LinearRule):
-    """LRP-γ (RelevancePropagation.jl's ``GammaRule``): ``W + γW⁺`` and ``b + γb⁺`` on the raw input.
+    """LRP-γ (RelevancePropagation.jl's ``GammaRule``): ``W + γW⁺``, ``b + γb⁺`` on the raw input.
 
     ``R_j = sum_i x_j (w_ij + γ w_ij⁺) R_i / stab(sum_l x_l (w_il + γ w_il⁺) + b_i + γ b_i⁺)``.
     Equal to Zennit's (generalised) ``Gamma`` on non-negative inputs of ReLU layers; see

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from .layers import Layer
 
@@ -31,7 +31,7 @@ MERGE_KINDS = frozenset({"Add", "Sum", "Concat"})
 
 
 # -- the tuple containers (the seed page's ChainTuple & co.) ---------------------------------------
-class _RuleTuple(tuple):  # type: ignore[type-arg]
+class _RuleTuple(tuple[Any, ...]):
     """A tuple that prints as ``Name(\\n  item,\\n  ...\\n)`` and equals only its own kind."""
 
     def __new__(cls, *items: Any) -> _RuleTuple:
@@ -52,7 +52,7 @@ class _RuleTuple(tuple):  # type: ignore[type-arg]
         return out
 
     def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and tuple.__eq__(self, other)  # type: ignore[arg-type]
+        return type(self) is type(other) and tuple.__eq__(self, cast(tuple[Any, ...], other))
 
     def __ne__(self, other: object) -> bool:
         return not self == other

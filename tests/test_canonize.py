@@ -8,8 +8,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import lrp_onnx as L
-from lrp_onnx.canonize import fold_constant_nodes, name_nodes
 from conftest import ort_session
+from lrp_onnx.canonize import fold_constant_nodes, name_nodes
 
 
 def _mlp(nodes, inits, opset=17, inputs=None, in_shape=("N", 4)):

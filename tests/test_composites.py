@@ -43,7 +43,8 @@ def test_layer_map_nested_index_and_prefix() -> None:
 
 
 def test_first_last_maps_on_nested_model() -> None:
-    got = nested_rules(SEED, L.Composite(L.GlobalMap(L.EpsilonRule()), L.FirstLayerMap(L.FlatRule()),
+    got = nested_rules(SEED, L.Composite(L.GlobalMap(L.EpsilonRule()),
+                                         L.FirstLayerMap(L.FlatRule()),
                                          L.LastLayerMap(L.ZPlusRule())))
     assert got[0] == "FlatRule()" and got[-1] == "ZPlusRule()"
     assert got[1:-1] == ["EpsilonRule(epsilon=1e-06)"] * 8
@@ -206,7 +207,8 @@ def test_relevancepropagation_jl_worked_example(flat_vgg11: Path) -> None:
     assert {i + 1: r for i, r in enumerate(got)} == expected
     printed = repr(composite).splitlines()
     assert printed[:4] == ["Composite(", "  GlobalMap(ZeroRule()),  # all layers",
-                           "  GlobalMap(PassRule()),  # all layers", "  GlobalTypeMap(  # all layers"]
+                           "  GlobalMap(PassRule()),  # all layers",
+                           "  GlobalTypeMap(  # all layers"]
     assert "  FirstNTypeMap(  # first 7 layers" in printed
     assert "  RangeTypeMap(  # layers 4:10" in printed
     assert "  LayerMap(9, AlphaBetaRule(alpha=1.0, beta=0.0))," in printed

@@ -4,6 +4,7 @@ transpose), with BatchNormalization and ``Add(const)`` bias folding."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -133,7 +134,7 @@ class ConvOp(LinearOp):
             self.weight_tensor = w
         self.weight, self.bias = weight, bias
 
-    def _attrs(self) -> dict[str, object]:
+    def _attrs(self) -> dict[str, Any]:
         return {"kernel_shape": self.kernel, "strides": self.strides, "pads": self.pads,
                 "dilations": self.dilations, "group": self.group}
 

@@ -98,7 +98,9 @@ def _mean_back(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor, axes: lis
                keepdims: bool) -> gs.Tensor:
     x = layer.inputs[0]
     dims = b.graph.shape(x, layer.primary)
-    n = int(np.prod([dims[a] for a in axes]))  # type: ignore[misc]
+    n = 1
+    for a in axes:
+        n *= int(dims[a] or 0)
     s = divide(b, r_out, layer.primary.outputs[0], rule_eps(rule))
     if not keepdims:
         s = b.op("Unsqueeze", s, b.ints(axes), tag="s/unsqueeze")
