@@ -36,8 +36,12 @@ def _seed(b: Builder, graph: Graph, target: gs.Variable, normalize: bool) -> gs.
         best = b.op("ArgMax", logits, tag="argmax", axis=1, keepdims=0)
         chosen = b.op("Where", b.op("Less", target, b.scalar(0, np.int64), tag="auto"), best,
                       target, tag="target")
-        values = b.const(np.array([0.0, 1.0]), "onehot_values")
+        # ORT implements OneHot for float32 values only: build it there, cast to the model dtype.
+        values = b.const(np.array([0.0, 1.0]), "onehot_values", np.float32)
         onehot = b.op("OneHot", chosen, b.ints([int(shape[1])]), values, tag="onehot", axis=-1)
+        if b.dtype != np.float32:
+            onehot = b.op("Cast", onehot, tag="onehot_cast",
+                          to=int(onnx.helper.np_dtype_to_tensor_dtype(b.dtype)))
         if normalize:
             return onehot
         return b.op("Mul", onehot, logits, tag="logit")

@@ -124,6 +124,8 @@ def emit_linear(b: Builder, rule: LinearRule, op: LinearOp, r_out: gs.Tensor) ->
     parts: dict[Sel | None, list[tuple[float, gs.Tensor]]] = {}
     z_plain = layer.pre_activation
     for gi, group in enumerate(rule.groups()):
+        if group.coeff == 0.0:
+            continue  # e.g. the beta group of AlphaBetaRule(1, 0)
         terms = [t for t in group.terms
                  if _select(b, layer, x, t.x, rule, selected) is not None]
         if not terms:

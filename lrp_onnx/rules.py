@@ -308,7 +308,11 @@ def _bound(value: Any) -> float | tuple[Any, ...]:
     arr = np.asarray(value, dtype=np.float64)
     if arr.ndim == 0:
         return float(arr)
-    return tuple(arr.tolist())
+
+    def nest(x: Any) -> Any:
+        return tuple(nest(v) for v in x) if isinstance(x, list) else float(x)
+
+    return tuple(nest(arr.tolist()))
 
 
 @dataclass(frozen=True, repr=False)

@@ -1,0 +1,54 @@
+"""Loading: external data, and the locations that are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import lrp_onnx as L
+from conftest import MODELS, ort_session
+
+SEED = MODELS / "seed_vgg.onnx"
+
+
+def test_external_data_is_read(tmp_path: Path, rng: np.random.Generator) -> None:
+    model = onnx.load(SEED)
+    path = tmp_path / "ext.onnx"
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="ext.data", size_threshold=1024)
+    assert (tmp_path / "ext.data").stat().st_size > 2_000_000 and path.stat().st_size < 100_000
+    x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    from_ext = L.LRP(path, L.EpsilonPlusFlat()).analyze(x, target=[1, 2]).relevance
+    plain = L.LRP(SEED, L.EpsilonPlusFlat()).analyze(x, target=[1, 2]).relevance
+    np.testing.assert_array_equal(from_ext, plain)
+
+
+@pytest.mark.parametrize("location", ["../outside.data", "/etc/passwd", "missing.data"])
+def test_bad_external_locations_are_refused(tmp_path: Path, location: str) -> None:
+    model = onnx.load(SEED)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    onnx.save_model(model, folder / "m.onnx", save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="w.data", size_threshold=1024)
+    (tmp_path / "outside.data").write_bytes((folder / "w.data").read_bytes())
+    patched = onnx.load(folder / "m.onnx", load_external_data=False)
+    for t in patched.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = location
+    with open(folder / "m.onnx", "wb") as fh:
+        fh.write(patched.SerializeToString())
+    with pytest.raises(L.ModelLoadError, match="m.onnx: tensor"):
+        L.LRP(folder / "m.onnx")
+
+
+def test_compiled_model_runs_from_saved_file(tmp_path: Path, rng: np.random.Generator) -> None:
+    analyzer = L.LRP(SEED, L.EpsilonPlusFlat())
+    analyzer.save(tmp_path / "c.onnx")
+    x = rng.standard_normal((1, 3, 32, 32)).astype(np.float32)
+    _, rel = ort_session(tmp_path / "c.onnx").run(None, {"input": x, "target": np.array([-1])})
+    np.testing.assert_array_equal(rel, analyzer.analyze(x).relevance)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.onnx"]  # no temporary file left
