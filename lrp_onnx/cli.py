@@ -68,12 +68,20 @@ def cmd_show(args: argparse.Namespace) -> int:
     prep = prepare(args.model, args.output_name)
     rules = assign_rules(prep, _composite(args))
     unsupported(prep.layers, prep.label, prep.graph.opset)
-    width = max(len(str(prep.indices[la.index])) for la in prep.layers)
-    print(f"{prep.label}: {len(prep.layers)} layers")
     for layer, rule in zip(prep.layers, rules):
         check_rule(layer, rule)
+    width = max(len(str(prep.indices[la.index])) for la in prep.layers)
+
+    def line(layer: Any) -> str:
         idx = str(prep.indices[layer.index])
-        print(f"  {idx:<{width}}  {layer.summary} => {rule!r}")
+        return f"{idx:<{width}}  {layer.summary} => {rules[layer.index]!r}"
+
+    print(f"{prep.label}: {len(prep.layers)} layers")
+    if args.flat:
+        for layer in prep.layers:
+            print("  " + line(layer))
+    else:
+        print("\n".join(prep.tree.map(lambda la: la).lines(line)))
     return 0
 
 
@@ -162,11 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed relevance with the target logit instead of 1")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("show", help="list the layers and the rule each one gets",
-                       description="Print each layer's index, summary and rule.")
+    p = sub.add_parser("show", help="print the layer tree and the rule each layer gets",
+                       description="Print the nested layer structure (ChainTuple, ParallelTuple, "
+                       "SkipConnectionTuple) with each layer's index, summary and rule.")
     p.add_argument("model", metavar="MODEL", help="input .onnx model")
     p.add_argument("--composite", metavar="SPEC", help="preset name (see convert)")
     p.add_argument("--rules", metavar="FILE", help="a .toml or .json rule file")
+    p.add_argument("--flat", action="store_true", help="one line per layer, no nesting")
     p.add_argument("--output-name", metavar="NAME", help="graph output to explain")
     p.set_defaults(func=cmd_show)
 

@@ -67,8 +67,14 @@ def test_convert_preset_with_arguments(tmp_path: Path) -> None:
 def test_show_prints_layers_and_rules() -> None:
     proc = run_cli("show", SEED, "--composite", "EpsilonPlusFlat")
     assert proc.returncode == 0, proc.stderr
-    assert "(1, 1)  Conv((3, 3), 3 => 8, relu, pad=1) => FlatRule()" in proc.stdout
-    assert "(2, 4)  Dense(512 => 100, relu) => EpsilonRule(epsilon=1e-06)" in proc.stdout
+    lines = proc.stdout.splitlines()
+    assert lines[:3] == ["models/seed_vgg.onnx: 10 layers".replace("models/", str(MODELS) + "/"),
+                         "ChainTuple(", "  ChainTuple("]
+    assert "    (1, 1)  Conv((3, 3), 3 => 8, relu, pad=1) => FlatRule()," in lines
+    assert "    (2, 4)  Dense(512 => 100, relu) => EpsilonRule(epsilon=1e-06)," in lines
+    flat = run_cli("show", SEED, "--flat").stdout.splitlines()
+    assert flat[1:3] == ["  (1, 1)  Conv((3, 3), 3 => 8, relu, pad=1) => ZeroRule()",
+                         "  (1, 2)  Conv((3, 3), 8 => 8, relu, pad=1) => ZeroRule()"]
 
 
 def test_not_an_onnx_file(tmp_path: Path) -> None:
