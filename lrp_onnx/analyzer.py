@@ -179,9 +179,11 @@ class LRP:
 
     Args:
         model: path to an ``.onnx`` file or an ``onnx.ModelProto`` (never modified).
-        rules: ``None`` (ZeroRule everywhere), a :class:`Composite`, or a list with one rule per
-            layer of the flattened model (``show_layer_indices`` lists them).
-        flatten: rules given as a list refer to the flattened layer list (the only form so far).
+        rules_or_composite: ``None`` (ZeroRule everywhere), a :class:`Composite`, a list with one
+            rule per layer of the flattened model, or a nested ``ChainTuple`` of rules matching
+            :func:`show_layer_indices` (with ``flatten=False``).
+        flatten: ``True``: the analyzer (and a rule list) is the flat layer list; ``False``: it
+            keeps the model's nesting (printing, nested rules).
         normalize_output_relevance: seed relevance 1 at the target (True, the default as in
             RelevancePropagation.jl and Zennit's usual use) or the target's logit (False).
         output: name of the graph output to explain (default: the first).
@@ -191,13 +193,13 @@ class LRP:
         layers: the layer view; ``rules``: the rule of each layer.
     """
 
-    def __init__(self, model: str | os.PathLike[str] | onnx.ModelProto, rules: Any = None,
-                 flatten: bool = True, *, normalize_output_relevance: bool = True,
-                 output: str | None = None) -> None:
+    def __init__(self, model: str | os.PathLike[str] | onnx.ModelProto,
+                 rules_or_composite: Any = None, flatten: bool = True, *,
+                 normalize_output_relevance: bool = True, output: str | None = None) -> None:
         if isinstance(model, FlatModel):
             flatten = True
         prep = prepare(model, output)
-        self.rules: list[Rule] = assign_rules(prep, rules, flatten)
+        self.rules: list[Rule] = assign_rules(prep, rules_or_composite, flatten)
         self.flatten = flatten
         self.tree = prep.tree
         self.layers: list[Layer] = prep.layers
@@ -266,8 +268,8 @@ def run_compiled(session: Any, x: np.ndarray, target: Any, input_name: str, outp
 
 
 def compile(model: str | os.PathLike[str] | onnx.ModelProto,  # noqa: A001 (API name)
-            rules: Any = None, *, flatten: bool = True, normalize_output_relevance: bool = True,
-            output: str | None = None) -> onnx.ModelProto:
-    """Compile ``model`` with ``rules``; returns the compiled ``ModelProto`` (see :class:`LRP`)."""
-    return LRP(model, rules, flatten, normalize_output_relevance=normalize_output_relevance,
-               output=output).model
+            rules_or_composite: Any = None, *, flatten: bool = True,
+            normalize_output_relevance: bool = True, output: str | None = None) -> onnx.ModelProto:
+    """Compile ``model``; returns the compiled ``ModelProto`` (arguments as :class:`LRP`)."""
+    return LRP(model, rules_or_composite, flatten,
+               normalize_output_relevance=normalize_output_relevance, output=output).model

@@ -163,3 +163,30 @@ def test_fan_out_accumulates() -> None:
     ra, rb = a * r / stab(y), b * r / stab(y)
     expect = x64 * ((ra / stab(a)) @ w1.T) + x64 * ((rb / stab(b)) @ w2.T)
     np.testing.assert_allclose(rel, expect, rtol=1e-5, atol=1e-6 * np.abs(expect).max())
+
+
+def test_trailing_softmax_is_kept_but_not_explained(rng: np.random.Generator) -> None:
+    """Relevance starts at the Softmax's input (the logit), the output stays the probabilities."""
+    w = rng.standard_normal((4, 3)).astype(np.float32)
+
+    def model(head: str | None) -> onnx.ModelProto:
+        nodes = [helper.make_node("MatMul", ["input", "w"], ["z" if head else "logits"], name="mm")]
+        if head:
+            nodes.append(helper.make_node(head, ["z"], ["logits"], name="head", axis=1))
+        graph = helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+            initializer=[numpy_helper.from_array(w, "w")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                 ir_version=8)
+
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    plain = L.LRP(model(None)).analyze(x, target=[0, 2])
+    for head in ("Softmax", "LogSoftmax"):
+        expl = L.LRP(model(head)).analyze(x, target=[0, 2])
+        np.testing.assert_array_equal(expl.relevance, plain.relevance)
+        expect = np.exp(plain.output) / np.exp(plain.output).sum(1, keepdims=True)
+        if head == "LogSoftmax":
+            expect = np.log(expect)
+        np.testing.assert_allclose(expl.output, expect, rtol=1e-5, atol=1e-6)
+        assert list(expl.target) == [0, 2]
