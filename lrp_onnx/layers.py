@@ -145,6 +145,15 @@ def build_layers(graph: Graph) -> list[Layer]:
                     graph.data_inputs(nxt) == [out]:
                 act, out = nxt, nxt.outputs[0]
                 nodes.append(nxt)
+        elif _is_inference_bn(graph, node):
+            # a standalone BatchNormalization (e.g. DenseNet's pre-activation BN): an affine
+            # layer that, like Flux's BatchNorm(C, relu), owns a directly following activation
+            pre = out
+            nxt = _sole_consumer(graph, out)
+            if nxt is not None and nxt.op in ACTIVATION_OPS and \
+                    graph.data_inputs(nxt) == [out]:
+                act, out = nxt, nxt.outputs[0]
+                nodes.append(nxt)
         else:
             pre = out
         if len([t for t in node.outputs if t.name in graph.data]) > 1 and node.op != "MaxPool":
@@ -249,6 +258,9 @@ def summarize(graph: Graph, layer: Layer) -> str:
             if not has_bias:
                 parts.append("bias=false")
             return f"Dense({', '.join(parts)})"
+        if op == "BatchNormalization":
+            channels = graph.shape(node.inputs[1])[0]
+            return f"BatchNorm({channels}{', ' + act if act else ''})"
         if op in ("MaxPool", "AveragePool"):
             kernel = list(attr(node, "kernel_shape", graph.opset, []))
             parts = [_tuple(kernel)] + _window_args(graph, node, kernel)

@@ -115,6 +115,18 @@ def conv_bn(act: bool) -> Build:
     return build
 
 
+def standalone_bn(act: bool) -> Build:
+    """A BatchNormalization with no linear layer before it (DenseNet's pre-activation BN)."""
+    def build(net: Net, x: str) -> tuple[str, str | None]:
+        scale = net.const("lut/bn_scale", [1.5, -0.8, 0.6])
+        shift = net.param("lut/bn_shift", (3,), scale=0.5)
+        mean = net.param("lut/bn_mean", (3,), scale=0.3)
+        var = net.const("lut/bn_var", net.rng.uniform(0.5, 2.0, size=3))
+        z = net.node("BatchNormalization", [x, scale, shift, mean, var], "lut/bn", epsilon=0.05)
+        return (net.node("Relu", [z], "lut/relu") if act else z), z
+    return build
+
+
 def conv_add_bias(with_conv_bias: bool) -> Build:
     def build(net: Net, x: str) -> tuple[str, str | None]:
         ins = [x, net.param("lut/W", (4, 3, 3, 3))]
@@ -258,6 +270,8 @@ LINEAR_CASES = [
     OpCase("conv_bn", (3, 5, 5), conv_bn(act=False), "linear"),
     OpCase("conv_bn_relu", (3, 5, 5), conv_bn(act=True), "linear"),
     OpCase("conv_add_bias", (3, 5, 5), conv_add_bias(with_conv_bias=False), "linear"),
+    OpCase("bn", (3, 4, 4), standalone_bn(act=False), "linear"),
+    OpCase("bn_relu", (3, 4, 4), standalone_bn(act=True), "linear"),
     OpCase("conv_bias_add_bias", (3, 5, 5), conv_add_bias(with_conv_bias=True), "linear"),
     # Non-negative input (after a Relu): the engine drops every x⁻ term at compile time.
     OpCase("conv_nonneg_input", (3, 6, 6), conv(3, 4, (3, 3), pads=[1, 1, 1, 1]), "linear",

@@ -15,7 +15,7 @@ from ..graph import attr, check_attrs, ints
 from ..layers import Layer
 from ..linear import LinearOp, emit_linear
 from ..registry import relevance
-from ..rules import LINEAR_RULES, LinearRule, Rule
+from ..rules import LINEAR_RULES, LinearRule, PassRule, Rule
 
 
 def _bn_scale_shift(b: Builder, layer: Layer) -> tuple[np.ndarray, np.ndarray]:
@@ -232,7 +232,36 @@ class MatMulOp(LinearOp):
         return self.b.op("MatMul", s, wt, tag="matmulT")
 
 
-_OPS: dict[str, type[LinearOp]] = {"Conv": ConvOp, "Gemm": GemmOp, "MatMul": MatMulOp}
+class BatchNormOp(LinearOp):
+    """A standalone inference ``BatchNormalization`` as the per-channel affine map ``a x + c``,
+    ``a = γ/√(σ²+ε)``, ``c = β − μa``; its transpose is ``a s``."""
+
+    def __init__(self, b: Builder, layer: Layer) -> None:
+        super().__init__(b, layer)
+        node, g = layer.primary, b.graph
+        check_attrs(node, g.opset, {"epsilon": None, "momentum": None, "training_mode": (0,),
+                                    "spatial": (1,)})
+        gamma, beta, mean, var = (np.asarray(g.const_value(t), dtype=np.float64)
+                                  for t in node.inputs[1:5])
+        eps = float(attr(node, "epsilon", g.opset, 1e-5))
+        a = gamma / np.sqrt(var + eps)
+        rank = len(g.shape(layer.inputs[0], node))
+        self.bshape = [a.shape[0]] + [1] * (rank - 2)
+        self.weight, self.bias = a, beta - mean * a
+
+    def prepare(self, which: str, value: np.ndarray) -> np.ndarray:
+        return value.reshape(self.bshape)
+
+    def forward(self, x: gs.Tensor, w: gs.Tensor, bias: gs.Tensor | None) -> gs.Tensor:
+        z = self.b.op("Mul", x, w, tag="z/scale")
+        return z if bias is None else self.b.op("Add", z, bias, tag="z/shift")
+
+    def transpose(self, s: gs.Tensor, w: gs.Tensor) -> gs.Tensor:
+        return self.b.op("Mul", s, w, tag="scaleT")
+
+
+_OPS: dict[str, type[LinearOp]] = {"Conv": ConvOp, "Gemm": GemmOp, "MatMul": MatMulOp,
+                                   "BatchNormalization": BatchNormOp}
 
 
 @relevance("Conv", "Gemm", "MatMul", rules=LINEAR_RULES)
@@ -242,3 +271,13 @@ def linear_layer(b: Builder, layer: Layer, rule: Rule,
     assert isinstance(rule, LinearRule)
     op = _OPS[layer.kind](b, layer)
     return [emit_linear(b, rule, op, r_out)]
+
+
+@relevance("BatchNormalization", rules=(PassRule, *LINEAR_RULES))
+def batch_normalization(b: Builder, layer: Layer, rule: Rule,
+                        r_out: gs.Tensor) -> list[gs.Tensor | None]:
+    """PassRule (the presets' and Zennit's choice) or any linear rule on ``y = a x + c``."""
+    if isinstance(rule, PassRule):
+        return [r_out]
+    assert isinstance(rule, LinearRule)
+    return [emit_linear(b, rule, BatchNormOp(b, layer), r_out)]
