@@ -20,7 +20,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -71,15 +70,23 @@ def export_model(name: str, folder: Path) -> Path:
 def _compile_child(src: str, dest: str, composite: str, queue: Any) -> None:
     import lrp_onnx as L
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _status_mb("VmRSS")
     t0 = time.perf_counter()
     comp = None if composite == "zero" else L.EpsilonPlusFlat()
     analyzer = L.LRP(src, comp)
     seconds = time.perf_counter() - t0
     analyzer.save(dest)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put({"compile_s": seconds, "peak_rss_mb": (peak - base) / 1024,
-               "base_rss_mb": base / 1024})
+    peak = _status_mb("VmHWM")
+    queue.put({"compile_s": seconds, "peak_rss_mb": peak - base, "base_rss_mb": base})
+
+
+def _status_mb(key: str) -> float:
+    """``VmRSS``/``VmHWM`` of this process in MB. (``ru_maxrss`` is not used: Linux carries it
+    over from the parent through fork and exec, so a child would report the parent's peak.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def compile_measured(src: Path, dest: Path, composite: str) -> dict[str, float]:
