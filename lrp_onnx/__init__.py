@@ -66,6 +66,7 @@ from .rules import (  # noqa: E402
     FlatRule,
     GammaRule,
     GeneralizedGammaRule,
+    GradientRule,
     PassRule,
     Rule,
     WSquareRule,
@@ -87,6 +88,6 @@ __all__ = [
     "RangeTypeMap", "parse_composite", "CanonizerError", "LRPError", "ModelLoadError",
     "RuleAssignmentError", "RuleNotApplicable", "UnsupportedAttribute", "UnsupportedModel",
     "UnsupportedOp", "AlphaBetaRule", "EpsilonRule", "FlatRule", "GammaRule",
-    "GeneralizedGammaRule", "PassRule", "Rule", "WSquareRule", "ZBoxRule", "ZeroRule",
-    "ZPlusRule", "__version__",
+    "GeneralizedGammaRule", "GradientRule", "PassRule", "Rule", "WSquareRule", "ZBoxRule",
+    "ZeroRule", "ZPlusRule", "__version__",
 ]

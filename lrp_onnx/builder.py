@@ -114,6 +114,13 @@ class Builder:
             return self.op("Reshape", value, self.op("Shape", like, tag=f"{tag}/shape"), tag=tag)
         return self.op("Reshape", value, self.ints(shape), tag=tag)
 
+    def zeros_like(self, value: gs.Tensor, tag: str = "zeros") -> gs.Tensor:
+        """Zeros shaped like ``value`` at run time (``Where(false, value, 0)``: no NaN from
+        ``0 * inf``, no Shape/ConstantOfShape that an EP may place on the CPU)."""
+        false = self.cached(("false",), lambda: gs.Constant("lrp/const/false",
+                                                            np.array(False)))
+        return self.op("Where", false, value, self.scalar(0.0), tag=tag)
+
     def expect_shape(self, rel: gs.Tensor, like: gs.Tensor) -> None:
         """Record that ``rel`` must have the shape of ``like`` (checked after compilation)."""
         self.checks.append((rel, like))

@@ -63,13 +63,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     from .analyzer import assign_rules, prepare
-    from .registry import check_rule, unsupported
+    from .registry import resolve_entries
 
     prep = prepare(args.model, args.output_name)
     rules = assign_rules(prep, _composite(args))
-    unsupported(prep.layers, prep.label, prep.graph.opset)
-    for layer, rule in zip(prep.layers, rules):
-        check_rule(layer, rule)
+    resolve_entries(prep.layers, rules, prep.label, prep.graph.opset, prep.graph.shape)
     width = max(len(str(prep.indices[la.index])) for la in prep.layers)
 
     def line(layer: Any) -> str:

@@ -16,7 +16,7 @@ from .canonize import _skeleton
 from .errors import UnsupportedModel
 from .graph import Graph
 from .layers import Layer
-from .registry import check_rule, unsupported
+from .registry import resolve_entries
 from .rules import Rule
 
 TARGET = "target"
@@ -61,8 +61,7 @@ def compile_layers(graph: Graph, layers: Sequence[Layer], rules: Sequence[Rule],
     Returns the compiled ``ModelProto``: original inputs plus ``target`` (int64 ``[N]``),
     original outputs plus ``relevance`` (shape and dtype of the data input).
     """
-    unsupported(layers, graph.label, graph.opset)
-    entries = [check_rule(layer, rule) for layer, rule in zip(layers, rules, strict=True)]
+    entries = resolve_entries(layers, rules, graph.label, graph.opset, graph.shape)
     for name in (TARGET, RELEVANCE):
         if name in graph.tensors:
             raise UnsupportedModel(f"{graph.label}: the model already has a value named "
@@ -75,12 +74,14 @@ def compile_layers(graph: Graph, layers: Sequence[Layer], rules: Sequence[Rule],
     pending: dict[str, list[gs.Tensor]] = {graph.logits.name: [_seed(b, graph, target,
                                                                       normalize_output_relevance)]}
     for layer, rule, entry in zip(reversed(layers), reversed(rules), reversed(entries)):
-        arrived = pending.pop(layer.output.name, None)
-        if not arrived:
+        outputs = layer.outputs if entry.multi_output else (layer.output,)
+        arrived = [pending.pop(t.name, None) for t in outputs]
+        if not any(arrived):
             continue  # symbolic zero: nothing reaches this layer, so nothing is emitted
         with b.scope(layer.name):
-            r_out = _sum(b, arrived, "R_out")
-            r_ins = entry.emit(b, layer, rule, r_out)
+            r_outs = [_sum(b, a, f"R_out{i}" if i else "R_out") if a else None
+                      for i, a in enumerate(arrived)]
+            r_ins = entry.emit(b, layer, rule, r_outs if entry.multi_output else r_outs[0])
         if len(r_ins) != len(layer.inputs):
             raise AssertionError(f"emitter for {layer.kind} returned {len(r_ins)} relevances "
                                  f"for {len(layer.inputs)} inputs")

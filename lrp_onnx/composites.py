@@ -55,7 +55,7 @@ ReshapingLayer = LayerGroup("ReshapingLayer",
                             frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose"}))
 NormalizationLayer = LayerGroup("NormalizationLayer",
                                 frozenset({"BatchNormalization", "LayerNormalization"}))
-ActivationLayer = LayerGroup("ActivationLayer", frozenset(ACTIVATION_OPS))
+ActivationLayer = LayerGroup("ActivationLayer", frozenset(ACTIVATION_OPS | {"SiLU"}))
 DropoutLayer = LayerGroup("DropoutLayer", frozenset({"Dropout"}))
 
 #: Group names accepted as string keys; ``"Dense"`` is the seed page's spelling.

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .errors import UnsupportedModel, node_label
 from .graph import Graph, attr
 
 #: Ops that start a linear layer when their weight is a constant.
@@ -47,7 +46,9 @@ class Layer:
         pre_activation: the value before a folded activation (``output`` when there is none).
         bias_add: a folded ``Add(const)`` after MatMul/Gemm/Conv, if any.
         batchnorm: a folded ``BatchNormalization``, if any.
-        activation: a folded activation node, if any.
+        activation: the last node of a folded activation, if any.
+        act_name: display name of the activation (folded or standalone), e.g. ``relu``.
+        outputs: every output of a multi-output layer (``Split``); else ``(output,)``.
         scope: module path recorded by the exporter (``()`` if none).
     """
 
@@ -63,6 +64,8 @@ class Layer:
     activation: gs.Node | None = None
     scope: tuple[str, ...] = ()
     summary: str = field(default="")
+    act_name: str | None = None
+    outputs: tuple[gs.Tensor, ...] = ()
 
     @property
     def name(self) -> str:
@@ -117,6 +120,97 @@ def _is_inference_bn(graph: Graph, node: gs.Node) -> bool:
     return all(graph.const_value(t) is not None for t in node.inputs[1:5])
 
 
+@dataclass(frozen=True)
+class Activation:
+    """A matched activation: its nodes, output value and display name (``relu``, ``silu``)."""
+
+    nodes: tuple[gs.Node, ...]
+    output: gs.Tensor
+    kind: str
+    name: str
+
+
+def _near(value: np.ndarray | None, target: float) -> bool:
+    return value is not None and value.size == 1 and abs(float(value.ravel()[0]) - target) < 1e-4
+
+
+def _const_other(graph: Graph, node: gs.Node, value: gs.Tensor) -> np.ndarray | None:
+    """The constant operand of a two-input node whose other operand is ``value``."""
+    if len(node.inputs) != 2 or value not in node.inputs:
+        return None
+    other = node.inputs[1] if node.inputs[0] is value else node.inputs[0]
+    return graph.const_value(other)
+
+
+def _only_into(graph: Graph, value: gs.Tensor, op: str) -> gs.Node | None:
+    """The single consumer of an internal ``value`` if it is an ``op`` node."""
+    cons = graph.consumers(value)
+    if len(cons) != 1 or cons[0].op != op or graph.is_graph_output(value) or \
+            value.name == graph.logits.name:
+        return None
+    return cons[0]
+
+
+def _silu(graph: Graph, x: gs.Tensor) -> Activation | None:
+    """``Mul(x, Sigmoid(x))`` (torch exports SiLU/Swish so)."""
+    for sig in graph.consumers(x):
+        if sig.op != "Sigmoid":
+            continue
+        mul = _only_into(graph, sig.outputs[0], "Mul")
+        if mul is not None and {t.name for t in mul.inputs} == {x.name, sig.outputs[0].name}:
+            return Activation((sig, mul), mul.outputs[0], "SiLU", "silu")
+    return None
+
+
+def _gelu_erf(graph: Graph, x: gs.Tensor) -> Activation | None:
+    """``0.5 * x * (1 + Erf(x / sqrt(2)))`` in either multiplication order (legacy exports)."""
+    for scale in graph.consumers(x):
+        c = _const_other(graph, scale, x)
+        if not ((scale.op == "Div" and scale.inputs[0] is x and _near(c, 2 ** 0.5)) or
+                (scale.op == "Mul" and _near(c, 2 ** -0.5))):
+            continue
+        erf = _only_into(graph, scale.outputs[0], "Erf")
+        if erf is None:
+            continue
+        add = _only_into(graph, erf.outputs[0], "Add")
+        if add is None or not _near(_const_other(graph, add, erf.outputs[0]), 1.0):
+            continue
+        one_plus = add.outputs[0]
+        mul = _only_into(graph, one_plus, "Mul")
+        if mul is None:
+            continue
+        product: gs.Tensor = mul.outputs[0]
+        other = mul.inputs[1] if mul.inputs[0] is one_plus else mul.inputs[0]
+        if other is x:  # (x * (1 + erf)) * 0.5
+            half = _only_into(graph, mul.outputs[0], "Mul")
+            if half is not None and _near(_const_other(graph, half, mul.outputs[0]), 0.5):
+                return Activation((scale, erf, add, mul, half), half.outputs[0], "Gelu", "gelu")
+        else:  # (x * 0.5) * (1 + erf)
+            half2 = graph.producer(other)
+            if half2 is not None and half2.op == "Mul" and x in half2.inputs and \
+                    _near(_const_other(graph, half2, x), 0.5) and \
+                    _only_into(graph, other, "Mul") is mul:
+                return Activation((scale, erf, add, half2, mul), product, "Gelu", "gelu")
+    return None
+
+
+def match_activation(graph: Graph, x: gs.Tensor, *, exclusive: bool) -> Activation | None:
+    """An activation applied to ``x``: one node of ``ACTIVATION_OPS`` or a SiLU / Erf-GELU
+    decomposition. With ``exclusive``, ``x`` must feed nothing else (to fold it into a layer)."""
+    if graph.is_graph_output(x) or x.name == graph.logits.name:
+        return None
+    cons = graph.consumers(x)
+    for pattern in (_silu, _gelu_erf):
+        act = pattern(graph, x)
+        if act is not None and (not exclusive or all(c in act.nodes for c in cons)):
+            return act
+    for node in cons:
+        if node.op in ACTIVATION_OPS and graph.data_inputs(node) == [x] and \
+                (not exclusive or len(cons) == 1):
+            return Activation((node,), node.outputs[0], node.op, _act_name(graph, node) or "")
+    return None
+
+
 def build_layers(graph: Graph) -> list[Layer]:
     """Group ``graph.nodes`` (the relevance path) into layers, in topological order."""
     taken: set[str] = set()
@@ -125,9 +219,19 @@ def build_layers(graph: Graph) -> list[Layer]:
         if node.name in taken:
             continue
         nodes = [node]
-        bias_add = bn = act = None
+        kind = node.op
+        bias_add = bn = None
+        act: Activation | None = None
         out = node.outputs[0]
-        if node.op in LINEAR_OPS and len(node.inputs) > 1 and \
+        data_in = graph.data_inputs(node)
+        standalone = match_activation(graph, data_in[0], exclusive=False) if data_in else None
+        if standalone is not None and node in standalone.nodes and \
+                not any(n.name in taken for n in standalone.nodes):
+            # a multi-node activation (SiLU, Erf-GELU) is one layer of its own
+            nodes, kind, out = list(standalone.nodes), standalone.kind, standalone.output
+            act = standalone
+            pre = out
+        elif node.op in LINEAR_OPS and len(node.inputs) > 1 and \
                 graph.const_value(node.inputs[1]) is not None and \
                 node.inputs[0].name in graph.data:
             nxt = _sole_consumer(graph, out)
@@ -139,34 +243,32 @@ def build_layers(graph: Graph) -> list[Layer]:
                     nxt.inputs[0] is out:
                 bn, out = nxt, nxt.outputs[0]
                 nodes.append(nxt)
-                nxt = _sole_consumer(graph, out)
             pre = out
-            if nxt is not None and nxt.op in ACTIVATION_OPS and \
-                    graph.data_inputs(nxt) == [out]:
-                act, out = nxt, nxt.outputs[0]
-                nodes.append(nxt)
+            act = match_activation(graph, out, exclusive=True)
         elif _is_inference_bn(graph, node):
             # a standalone BatchNormalization (e.g. DenseNet's pre-activation BN): an affine
             # layer that, like Flux's BatchNorm(C, relu), owns a directly following activation
             pre = out
-            nxt = _sole_consumer(graph, out)
-            if nxt is not None and nxt.op in ACTIVATION_OPS and \
-                    graph.data_inputs(nxt) == [out]:
-                act, out = nxt, nxt.outputs[0]
-                nodes.append(nxt)
+            act = match_activation(graph, out, exclusive=True)
         else:
             pre = out
-        if len([t for t in node.outputs if t.name in graph.data]) > 1 and node.op != "MaxPool":
-            raise UnsupportedModel(
-                f"{graph.label}: node {node_label(node.name, node.op, graph.opset)} has several "
-                "data outputs; multi-output layers are not supported yet"
-            )
+        if act is not None and kind == node.op and node.op not in ACTIVATION_OPS:
+            nodes += [n for n in act.nodes if n not in nodes]
+            out = act.output
+        outputs = (out,)
+        data_outs = [t for t in node.outputs if t.name in graph.data]
+        if len(data_outs) > 1 and node.op != "MaxPool":
+            if len(nodes) > 1:  # pragma: no cover - no multi-output op starts a pattern
+                raise AssertionError(node.name)
+            outputs = tuple(data_outs)
         taken.update(n.name for n in nodes)
         layer = Layer(
-            index=len(layers), kind=node.op, primary=node, nodes=tuple(nodes),
+            index=len(layers), kind=kind, primary=node, nodes=tuple(nodes),
             inputs=tuple(graph.data_inputs(node)), output=out, pre_activation=pre,
-            bias_add=bias_add, batchnorm=bn, activation=act,
-            scope=graph.scopes.get(node.name, ()),
+            bias_add=bias_add, batchnorm=bn,
+            activation=act.nodes[-1] if act is not None and kind == node.op else None,
+            act_name=act.name if act is not None else None,
+            scope=graph.scopes.get(node.name, ()), outputs=outputs,
         )
         layer.summary = summarize(graph, layer)
         layers.append(layer)
@@ -226,8 +328,10 @@ def _stride_dilation(node: gs.Node, strides: list[int], dilations: list[int],
 def summarize(graph: Graph, layer: Layer) -> str:
     """A one-line description in Flux's style: ``Conv((3, 3), 3 => 8, relu, pad=1)``."""
     node = layer.primary
-    act = _act_name(graph, layer.activation)
+    act = layer.act_name if layer.activation is not None else None
     op = node.op
+    if layer.kind in ("SiLU", "Gelu") and layer.kind != op:
+        return layer.act_name or layer.kind.lower()
     try:
         if op == "Conv":
             w = node.inputs[1]
@@ -283,7 +387,7 @@ def summarize(graph: Graph, layer: Layer) -> str:
         if op in ("Concat",):
             return f"Concat(axis={int(attr(node, 'axis', graph.opset, 1))})"
         if op in ACTIVATION_OPS:
-            return act or _act_name(graph, node) or op
+            return layer.act_name or _act_name(graph, node) or op
         if op == "Identity":
             return "identity"
     except (TypeError, IndexError, ValueError):

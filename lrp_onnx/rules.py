@@ -348,6 +348,13 @@ class PassRule(Rule):
     """Relevance passes through unchanged (``R = reshape(R')``): activations, reshapes, dropout."""
 
 
+@dataclass(frozen=True, repr=False)
+class GradientRule(Rule):
+    """The layer's plain gradient applied to the relevance (``R_in = J^T R'``): what Zennit does
+    for every op it has no rule for. On a gating ``Mul(x, g)`` it sends ``g R'`` to x and
+    ``x R'`` to the gate (not conservative); use it to reproduce Zennit's numbers."""
+
+
 #: Rules the z-rule family of non-linear layers (pooling, Add) accepts.
 Z_RULES: tuple[type[Rule], ...] = (ZeroRule, EpsilonRule)
 #: Rules a linear (Conv/Gemm/MatMul) layer accepts.
@@ -358,7 +365,7 @@ LINEAR_RULES: tuple[type[Rule], ...] = (
 #: Rules a layer that only moves values (reshape, dropout, activation) accepts.
 ROUTING_RULES: tuple[type[Rule], ...] = (PassRule, ZeroRule, EpsilonRule)
 
-ALL_RULES: tuple[type[Rule], ...] = LINEAR_RULES + (PassRule,)
+ALL_RULES: tuple[type[Rule], ...] = LINEAR_RULES + (PassRule, GradientRule)
 
 
 def rule_eps(rule: Rule) -> float:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..builder import Builder
 from ..layers import Layer
 from ..registry import relevance
-from ..rules import Z_RULES, Rule, rule_eps
+from ..rules import Z_RULES, GradientRule, PassRule, Rule, rule_eps
 from ..stabilize import divide
 
 
@@ -36,4 +37,52 @@ def add(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tenso
     for i, x in enumerate(layer.inputs):
         r = b.op("Mul", x, s, tag=f"R{i}")
         result.append(unbroadcast(b, r, x, out_shape, tag=f"R{i}"))
+    return result
+
+
+#: Ops whose output is a gate in [0, 1] (squeeze-excitation, LSTM-style gating).
+_GATES = frozenset({"Sigmoid", "HardSigmoid", "Softmax"})
+
+
+def _gate_index(b: Builder, layer: Layer) -> int:
+    """Which of two data inputs of a ``Mul`` is the gate: the one a Sigmoid/HardSigmoid made,
+    else the one with fewer elements (a broadcast scale), else the second."""
+    a, c = layer.inputs
+    made = [b.graph.producer(t) for t in (a, c)]
+    gated = [p is not None and p.op in _GATES for p in made]
+    if gated[0] != gated[1]:
+        return 0 if gated[0] else 1
+    sizes = [b.graph.sample_shape(t, layer.primary) for t in (a, c)]
+    counts = [int(np.prod(s)) for s in sizes]
+    if counts[0] != counts[1]:
+        return 0 if counts[0] < counts[1] else 1
+    return 1
+
+
+@relevance("Mul", rules=(*Z_RULES, PassRule, GradientRule))
+def mul(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
+    """A product ``x * g``: by default the gate ``g`` (a constant, or the Sigmoid/HardSigmoid
+    input of a squeeze-excitation block) is a weight and all relevance goes to ``x``: ZeroRule/
+    EpsilonRule ``R_x = x g R' / stab(x g)``, PassRule ``R_x = R'``. GradientRule gives Zennit's
+    plain gradient ``R_x = g R'``, ``R_g = x R'`` (relevance is not conserved)."""
+    node = layer.primary
+    y = node.outputs[0]
+    out_shape = b.graph.shape(y, node)
+    ins = list(layer.inputs)
+    if isinstance(rule, GradientRule):
+        result: list[gs.Tensor | None] = []
+        for i, x in enumerate(ins):
+            others = [t for t in node.inputs if t is not x]
+            other = others[0] if others else x  # x * x: d/dx = 2x, each input takes x R'
+            r = b.op("Mul", other, r_out, tag=f"R{i}")
+            result.append(unbroadcast(b, r, x, out_shape, tag=f"R{i}"))
+        return result
+    keep = 0 if len(ins) == 1 else 1 - _gate_index(b, layer)
+    x = ins[keep]
+    if isinstance(rule, PassRule):
+        r = r_out
+    else:
+        r = b.op("Mul", y, divide(b, r_out, y, rule_eps(rule)), tag="R")
+    result = [None] * len(ins)
+    result[keep] = unbroadcast(b, r, x, out_shape, tag="R")
     return result

@@ -36,8 +36,7 @@ def max_pool(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.
         node.outputs.append(indices)
     s = divide(b, r_out, y, rule_eps(rule))
     xf = b.op("Reshape", x, b.ints([-1]), tag="x_flat")
-    zeros = b.op("Where", b.cached(("false",), lambda: b.const(np.array(False), "false", bool)),
-                 xf, b.scalar(0.0), tag="zeros")
+    zeros = b.zeros_like(xf)
     routed = b.op("ScatterElements", zeros, b.op("Reshape", indices, b.ints([-1]), tag="idx"),
                   b.op("Reshape", s, b.ints([-1]), tag="s_flat"), tag="scatter", axis=0,
                   reduction="add")

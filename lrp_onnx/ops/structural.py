@@ -4,6 +4,9 @@ layers); ZeroRule/EpsilonRule on them equal PassRule (RelevancePropagation.jl's 
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..builder import Builder
@@ -35,7 +38,7 @@ def transpose(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs
     return [b.op("Transpose", r_out, tag="R", perm=inverse)]
 
 
-@relevance("Identity", *sorted(ACTIVATION_OPS), rules=ROUTING_RULES)
+@relevance("Identity", "SiLU", *sorted(ACTIVATION_OPS), rules=ROUTING_RULES)
 def identity(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
     """``R = R'``: identity and elementwise activations pass relevance unchanged (Zennit's Pass)."""
     return [r_out]
@@ -67,3 +70,81 @@ def concat(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Te
                  outputs=len(sizes), axis=axis)
     parts = parts if isinstance(parts, list) else [parts]
     return [p for t, p in zip(node.inputs, parts) if t.name in g.data]
+
+
+def _const_ints(b: Builder, layer: Layer, index: int, what: str) -> list[int] | None:
+    node = layer.primary
+    if len(node.inputs) <= index or not node.inputs[index].name:
+        return None
+    value = b.graph.const_value(node.inputs[index])
+    if value is None:
+        raise UnsupportedAttribute(f"node {node_label(node.name, node.op, b.graph.opset)}: "
+                                   f"{what} must be a constant")
+    return [int(v) for v in np.ravel(value)]
+
+
+@relevance("Pad", rules=ROUTING_RULES)
+def pad(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
+    """Constant padding: each input element gets its own output's relevance (the padding's
+    relevance is dropped, as the gradient drops it)."""
+    node, g = layer.primary, b.graph
+    mode = attr(node, "mode", g.opset, "constant")
+    if mode != "constant":
+        raise UnsupportedAttribute(f"node {node_label(node.name, node.op, g.opset)}: "
+                                   f"mode={mode!r} (only 'constant' is supported)")
+    x = layer.inputs[0]
+    rank = len(g.shape(x, node))
+    pads = _const_ints(b, layer, 1, "pads") or ints(attr(node, "pads", g.opset, None))
+    axes = _const_ints(b, layer, 3, "axes") or list(range(rank))
+    axes = [a % rank for a in axes]
+    begins, ends = pads[:len(axes)], pads[len(axes):]
+    if any(p < 0 for p in pads):
+        raise UnsupportedAttribute(f"node {node_label(node.name, node.op, g.opset)}: negative "
+                                   "pads (cropping) are not supported")
+    dims = g.shape(node.outputs[0], node)
+    starts = [begins[i] for i in range(len(axes))]
+    stops = []
+    for i, a in enumerate(axes):
+        size = dims[a]
+        stops.append(size - ends[i] if size is not None else (-ends[i] if ends[i] else 2**62))
+    return [b.op("Slice", r_out, b.ints(starts), b.ints(stops), b.ints(axes), tag="R")]
+
+
+@relevance("Slice", rules=ROUTING_RULES)
+def slice_(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
+    """Each input element that was sliced out gets its relevance back; the others get none."""
+    node, g = layer.primary, b.graph
+    x = layer.inputs[0]
+    shape = g.shape(x, node)
+    rank = len(shape)
+    starts = _const_ints(b, layer, 1, "starts") or []
+    stops = _const_ints(b, layer, 2, "ends") or []
+    axes = _const_ints(b, layer, 3, "axes") or list(range(len(starts)))
+    steps = _const_ints(b, layer, 4, "steps") or [1] * len(starts)
+    if any(s != 1 for s in steps):
+        raise UnsupportedAttribute(f"node {node_label(node.name, node.op, g.opset)}: steps "
+                                   f"{steps} (only 1 is supported)")
+    before, after = [0] * rank, [0] * rank
+    for start, stop, axis in zip(starts, stops, axes):
+        axis %= rank
+        size = shape[axis]
+        if size is None:
+            raise UnsupportedAttribute(f"node {node_label(node.name, node.op, g.opset)}: "
+                                       "slicing a dynamic axis")
+        lo = min(max(start + size if start < 0 else start, 0), size)
+        hi = min(max(stop + size if stop < 0 else stop, 0), size)
+        before[axis], after[axis] = lo, size - max(hi, lo)
+    return [b.op("Pad", r_out, b.ints(before + after), tag="R", mode="constant")]
+
+
+@relevance("Split", rules=ROUTING_RULES, multi_output=True)
+def split(b: Builder, layer: Layer, rule: Rule, r_out: Any) -> list[gs.Tensor | None]:
+    """The input gets the concatenated relevance of the parts (zeros for parts no relevance
+    reached)."""
+    node, g = layer.primary, b.graph
+    rank = len(g.shape(layer.inputs[0], node))
+    axis = int(attr(node, "axis", g.opset, 0)) % rank
+    parts = [r if r is not None else b.zeros_like(out, tag=f"zeros{i}")
+             for i, (r, out) in enumerate(zip(r_out, layer.outputs))]
+    return [b.op("Concat", *parts, tag="R", axis=axis)]
+
