@@ -22,8 +22,6 @@ from .load import load_model
 from .rules import Rule, ZeroRule
 from .tree import ChainTuple, Node, _RuleTuple, build_tree, nested_indices, zip_rules
 
-ModelLike = "str | os.PathLike[str] | onnx.ModelProto"
-
 
 @dataclass
 class Prepared:

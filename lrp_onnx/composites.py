@@ -248,7 +248,7 @@ class GlobalTypeMap(_TypeMapPrimitive):
         return type(other) is type(self) and vars(other) == vars(self)
 
     def __hash__(self) -> int:
-        return hash((type(self), tuple(sorted(vars(self).items(), key=str).__repr__())))
+        return hash((type(self), tuple(self.lines())))
 
 
 class RangeTypeMap(GlobalTypeMap):

@@ -14,9 +14,6 @@ from .errors import ModelLoadError
 #: Lowest default-domain opset accepted; 13 moved ``axes``/``split`` to inputs for the ops we emit.
 MIN_OPSET = 13
 
-ModelLike = "str | os.PathLike[str] | onnx.ModelProto"
-
-
 def default_opset(model: onnx.ModelProto) -> int:
     """The model's ``ai.onnx`` opset version (0 if it imports none)."""
     for imp in model.opset_import:

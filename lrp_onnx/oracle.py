@@ -144,7 +144,6 @@ def randomize_batchnorm(model: Any, seed: int = 0) -> Any:
     return model.eval()
 
 
-Builder = Callable[[], Any]
 
 #: Acceptance per sample: relative L2 error at most this ...
 MAX_REL_L2 = 1e-4
