@@ -354,8 +354,9 @@ def pool_windows(in_spatial: Sequence[int], out_spatial: Sequence[int], kernel: 
 
 def ref_maxpool(x: Array, R: Array, kernel: Sequence[int], strides: Sequence[int],
                 pads: Sequence[int], dilations: Sequence[int] | None = None,
-                eps: float = 1e-6) -> tuple[Array, Array]:
-    """Winner-take-all z-rule: ``R_j = x_j Σ_{i: argmax(i)=j} R_i / stab(y_i)``.
+                eps: float | None = 1e-6) -> tuple[Array, Array]:
+    """Winner-take-all z-rule: ``R_j = x_j Σ_{i: argmax(i)=j} R_i / stab(y_i)``; with
+    ``eps=None`` (ZeroRule) the exact routing ``R_j = Σ_{i: argmax(i)=j} R_i``.
 
     ``x`` is ``[N, C, *spatial]``, ``R`` ``[N, C, *out_spatial]``. The winner of a window is its
     first maximum in scan order (the forward's ``Indices``, as in PyTorch and ONNX Runtime).
@@ -370,8 +371,22 @@ def ref_maxpool(x: Array, R: Array, kernel: Sequence[int], strides: Sequence[int
             vals = [x[(b_, ch, *p)] for p in taps]
             j = taps[int(np.argmax(vals))]
             y[(b_, ch, *o)] = x[(b_, ch, *j)]
-            share = R[(b_, ch, *o)] / stabilize(np.asarray(y[(b_, ch, *o)]), eps)
-            r_in[(b_, ch, *j)] += x[(b_, ch, *j)] * share
+            if eps is None:
+                r_in[(b_, ch, *j)] += R[(b_, ch, *o)]
+            else:
+                share = R[(b_, ch, *o)] / stabilize(np.asarray(y[(b_, ch, *o)]), eps)
+                r_in[(b_, ch, *j)] += x[(b_, ch, *j)] * share
+    return r_in, y
+
+
+def ref_global_maxpool(x: Array, R: Array, eps: float | None = 1e-6) -> tuple[Array, Array]:
+    """GlobalMaxPool, ties sharing equally: ``R_j = [x_j = y_c] R_c / ties_c`` (``eps=None``,
+    ZeroRule) or ``x_j [x_j = y_c] R_c / (ties_c stab(y_c))``. Returns ``(R_in, y)``."""
+    axes = tuple(range(2, x.ndim))
+    y = x.max(axis=axes, keepdims=True)
+    mask = (x == y).astype(np.float64)
+    share = R.reshape(y.shape) / mask.sum(axis=axes, keepdims=True)
+    r_in = mask * share if eps is None else x * mask * share / stabilize(y, eps)
     return r_in, y
 
 

@@ -294,6 +294,10 @@ NONLINEAR_CASES = [
     maxpool_case("maxpool_dilation2", (2, 7, 7), [2, 2], [1, 1], [0, 0, 0, 0],
                  dilations=[2, 2]),
     maxpool_case("maxpool_1d", (3, 9), [3], [2], [1, 1]),
+    OpCase("global_maxpool", (3, 4, 5), single("GlobalMaxPool"), "maxpool",
+           pool={"global": True}),
+    OpCase("global_maxpool_ties", (3, 4, 5), single("GlobalMaxPool"), "maxpool",
+           inputs=small_ints, pool={"global": True}),
     OpCase("avgpool_pad_exclude", (3, 6, 6),
            single("AveragePool", kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=0),
            "zmap"),
@@ -395,6 +399,9 @@ RULE_CASES = [
 
 Z_RULE_CASES = [
     (ZeroRule(), 1e-6),
+    # A large stabilizer, so that a z-rule that differs from its reference only through the
+    # stabilizer (MaxPool under ZeroRule routes exactly, without one) is caught.
+    (ZeroRule(stabilizer=0.1), 0.1),
     (EpsilonRule(epsilon=0.1), 0.1),
 ]
 
@@ -460,7 +467,13 @@ def test_nonlinear_layer(case: OpCase, rule_eps: tuple[Rule, float],
         n = len(x_lut)
         expected = lt.ref_z_map(J, x_lut.reshape(n, -1), r_y.reshape(n, -1), eps)
     elif case.kind == "maxpool":
-        expected, y_ref = lt.ref_maxpool(x_lut, r_y, eps=eps, **case.pool)
+        # ZeroRule routes relevance to the winner exactly (no stabilizer); EpsilonRule keeps
+        # the factor y / stab(y).
+        eps_or_none = None if isinstance(rule, ZeroRule) else eps
+        if case.pool.get("global"):
+            expected, y_ref = lt.ref_global_maxpool(x_lut, r_y, eps=eps_or_none)
+        else:
+            expected, y_ref = lt.ref_maxpool(x_lut, r_y, eps=eps_or_none, **case.pool)
         # The reference's windows reproduce the forward (geometry check of the reference).
         np.testing.assert_array_equal(y_ref, net.run64(x_lut, output=y))
     else:

@@ -2,8 +2,12 @@
 
 MaxPool routes to the window's maximum through the forward node's own ``Indices`` output and
 ``ScatterElements(reduction="add")`` (overlapping windows add up, ties go where the gradient
-goes). Average pools distribute over each window with a ConvTranspose of a constant kernel, which
-makes them agree with Zennit's ``Norm`` rule (stabilizer on the mean).
+goes). Under ZeroRule a max pool routes ``R`` to its winner unchanged: the z-rule's factor
+``x_j / y_i`` is exactly 1 there, so this is the z-rule without its stabilizer's bias
+``y / (y + eps)`` (Zennit gives max pools their plain gradient, which is the same routing);
+EpsilonRule keeps the factor ``y / (y + eps * sign(y))``. Average pools distribute over each
+window with a ConvTranspose of a constant kernel, which makes them agree with Zennit's ``Norm``
+rule (stabilizer on the mean).
 """
 
 from __future__ import annotations
@@ -16,14 +20,15 @@ from ..errors import UnsupportedAttribute, node_label
 from ..graph import attr, check_attrs, ints
 from ..layers import Layer
 from ..registry import relevance
-from ..rules import Z_RULES, Rule, rule_eps
+from ..rules import Z_RULES, Rule, ZeroRule, rule_eps
 from ..stabilize import divide
 from .linear_ops import explicit_pads, transpose_padding
 
 
 @relevance("MaxPool", rules=Z_RULES)
 def max_pool(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
-    """Winner-take-all: ``R_j = x_j * sum_{i: argmax(i) = j} R_i / stab(y_i)``."""
+    """Winner-take-all: ``R_j = sum_{i: argmax(i) = j} R_i`` (ZeroRule) or
+    ``x_j * sum_{i: argmax(i) = j} R_i / stab(y_i)`` (EpsilonRule)."""
     node, g = layer.primary, b.graph
     check_attrs(node, g.opset, {"auto_pad": None, "ceil_mode": None, "dilations": None,
                                 "kernel_shape": None, "pads": None, "strides": None,
@@ -34,12 +39,15 @@ def max_pool(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.
     else:  # let the forward node also return its argmax indices (same computation)
         indices = gs.Variable(b.name("indices"), dtype=np.int64)
         node.outputs.append(indices)
-    s = divide(b, r_out, y, rule_eps(rule))
+    exact = isinstance(rule, ZeroRule)
+    s = r_out if exact else divide(b, r_out, y, rule_eps(rule))
     xf = b.op("Reshape", x, b.ints([-1]), tag="x_flat")
     zeros = b.zeros_like(xf)
     routed = b.op("ScatterElements", zeros, b.op("Reshape", indices, b.ints([-1]), tag="idx"),
                   b.op("Reshape", s, b.ints([-1]), tag="s_flat"), tag="scatter", axis=0,
                   reduction="add")
+    if exact:
+        return [b.reshape_like(routed, x, tag="R")]
     return [b.op("Mul", x, b.reshape_like(routed, x, tag="routed"), tag="R")]
 
 
@@ -140,12 +148,15 @@ def reduce_mean(b: Builder, layer: Layer, rule: Rule,
 @relevance("GlobalMaxPool", rules=Z_RULES)
 def global_max_pool(b: Builder, layer: Layer, rule: Rule,
                     r_out: gs.Tensor) -> list[gs.Tensor | None]:
-    """Winner-take-all per channel; ties share equally (as the gradient of ``amax``)."""
+    """Winner-take-all per channel; ties share equally (as the gradient of ``amax``). ZeroRule
+    routes ``R`` unchanged (see the module docstring), EpsilonRule keeps ``y / stab(y)``."""
     x, y = layer.inputs[0], layer.primary.outputs[0]
     rank = len(b.graph.shape(x, layer.primary))
     mask = b.op("Cast", b.op("Equal", x, y, tag="is_max"), tag="mask",
                 to=int(_onnx_dtype(b.dtype)))
     count = b.op("ReduceSum", mask, b.ints(list(range(2, rank))), tag="ties", keepdims=1)
+    if isinstance(rule, ZeroRule):
+        return [b.op("Mul", mask, b.op("Div", r_out, count, tag="R/ties"), tag="R")]
     s = divide(b, r_out, y, rule_eps(rule))
     share = b.op("Div", s, count, tag="s/ties")
     return [b.op("Mul", b.op("Mul", x, mask, tag="x_max"), share, tag="R")]
