@@ -60,6 +60,7 @@ from .errors import (  # noqa: E402
     UnsupportedModel,
     UnsupportedOp,
 )
+from .options import Optimizations  # noqa: E402
 from .rules import (  # noqa: E402
     AlphaBetaRule,
     EpsilonRule,
@@ -78,7 +79,8 @@ from .tree import ChainTuple, ParallelTuple, SkipConnectionTuple  # noqa: E402
 
 __all__ = [
     "LRP", "Explanation", "FlatModel", "compile", "flatten_model", "lrp_rules", "save_model",
-    "show_layer_indices", "ChainTuple", "ParallelTuple", "SkipConnectionTuple", "PRESETS",
+    "show_layer_indices", "Optimizations", "ChainTuple", "ParallelTuple",
+    "SkipConnectionTuple", "PRESETS",
     "Composite", "LayerGroup",
     "ActivationLayer", "ConvLayer", "DenseLayer", "DropoutLayer", "MaxPoolLayer",
     "MeanPoolLayer", "NormalizationLayer", "PoolingLayer", "ReshapingLayer",

@@ -19,6 +19,7 @@ from .errors import RuleAssignmentError, UnsupportedModel
 from .graph import Graph
 from .layers import Layer, build_layers
 from .load import load_model
+from .options import Optimizations
 from .rules import Rule, ZeroRule
 from .tree import ChainTuple, Node, _RuleTuple, build_tree, nested_indices, zip_rules
 
@@ -159,13 +160,88 @@ class Explanation:
     provider: str
 
 
+#: Bytes per element of the float tensors written raw by :func:`write_model`.
+_RAW_ITEMSIZE = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.DOUBLE: 8,
+                 onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2}
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _shell(msg: Any, skip: str) -> Any:
+    """A copy of ``msg`` without its field ``skip`` (the other fields are small)."""
+    shell = type(msg)()
+    for fd, value in msg.ListFields():
+        if fd.name == skip:
+            continue
+        if fd.is_repeated:
+            getattr(shell, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(shell, fd.name).CopyFrom(value)
+        else:
+            setattr(shell, fd.name, value)
+    return shell
+
+
+def write_model(model: onnx.ModelProto, fh: Any) -> None:
+    """Serialize ``model`` to the binary file ``fh`` one initializer at a time.
+
+    The bytes are exactly those of a protobuf serialization with the graph's initializers last
+    (field order is free in the wire format), but no serialized copy of the whole model is
+    ever held in memory: saving VGG16 peaks at the model plus its largest tensor.
+    """
+    graph_no, init_no = (onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number,
+                         onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number)
+    graph = model.graph
+    graph_shell = _shell(graph, "initializer")
+    raw_key = _varint(onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number << 3 | 2)
+    # (shell, raw length) of each initializer whose weight bytes are written as they are; the
+    # raw length comes from the shape (checked against the data when the model was loaded):
+    # ``ByteSize()`` and ``raw_data`` each copy the tensor.
+    parts: list[tuple[Any, int]] = []
+    sizes = []
+    for t in graph.initializer:
+        if t.HasField("raw_data") and t.data_type in _RAW_ITEMSIZE:
+            shell = _shell(t, "raw_data")
+            n_raw = int(np.prod(t.dims, dtype=np.int64)) * _RAW_ITEMSIZE[t.data_type]
+            parts.append((shell, n_raw))
+            sizes.append(shell.ByteSize() + len(raw_key) + len(_varint(n_raw)) + n_raw)
+        else:
+            parts.append((None, 0))
+            sizes.append(t.ByteSize())
+    init_key = _varint(init_no << 3 | 2)
+    total = graph_shell.ByteSize() + sum(len(init_key) + len(_varint(n)) + n for n in sizes)
+    fh.write(_shell(model, "graph").SerializeToString())
+    fh.write(_varint(graph_no << 3 | 2) + _varint(total))
+    fh.write(graph_shell.SerializeToString())
+    for t, n, (shell, n_raw) in zip(graph.initializer, sizes, parts):
+        fh.write(init_key + _varint(n))
+        if shell is None:
+            fh.write(t.SerializeToString())
+            continue
+        raw = t.raw_data
+        if len(raw) != n_raw:
+            raise ValueError(f"initializer '{t.name}' holds {len(raw)} bytes, its shape needs "
+                             f"{n_raw}")
+        fh.write(shell.SerializeToString())
+        fh.write(raw_key + _varint(n_raw))
+        fh.write(raw)
+        del raw
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
     """Write ``model`` atomically: a temporary file in the same folder, then a rename."""
     dest = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent or ".")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(model.SerializeToString())
+            write_model(model, fh)
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -185,6 +261,8 @@ class LRP:
         normalize_output_relevance: seed relevance 1 at the target (True, the default as in
             RelevancePropagation.jl and Zennit's usual use) or the target's logit (False).
         output: name of the graph output to explain (default: the first).
+        optimizations: :class:`Optimizations` (all on by default; they never change the
+            relevance, only how it is computed).
 
     Attributes:
         model: the compiled ``onnx.ModelProto`` (inputs + ``target``, outputs + ``relevance``).
@@ -193,7 +271,8 @@ class LRP:
 
     def __init__(self, model: str | os.PathLike[str] | onnx.ModelProto,
                  rules_or_composite: Any = None, flatten: bool = True, *,
-                 normalize_output_relevance: bool = True, output: str | None = None) -> None:
+                 normalize_output_relevance: bool = True, output: str | None = None,
+                 optimizations: Optimizations | None = None) -> None:
         if isinstance(model, FlatModel):
             flatten = True
         prep = prepare(model, output)
@@ -207,7 +286,8 @@ class LRP:
         self.num_classes = int(prep.graph.shape(prep.graph.logits)[-1] or 0)
         self.model: onnx.ModelProto = compile_layers(
             prep.graph, prep.layers, self.rules,
-            normalize_output_relevance=normalize_output_relevance, model_meta=prep.meta)
+            normalize_output_relevance=normalize_output_relevance, model_meta=prep.meta,
+            optimizations=optimizations)
         self._session: Any = None
         self._device: str | None = None
 
@@ -267,7 +347,9 @@ def run_compiled(session: Any, x: np.ndarray, target: Any, input_name: str, outp
 
 def compile(model: str | os.PathLike[str] | onnx.ModelProto,  # noqa: A001 (API name)
             rules_or_composite: Any = None, *, flatten: bool = True,
-            normalize_output_relevance: bool = True, output: str | None = None) -> onnx.ModelProto:
+            normalize_output_relevance: bool = True, output: str | None = None,
+            optimizations: Optimizations | None = None) -> onnx.ModelProto:
     """Compile ``model``; returns the compiled ``ModelProto`` (arguments as :class:`LRP`)."""
     return LRP(model, rules_or_composite, flatten,
-               normalize_output_relevance=normalize_output_relevance, output=output).model
+               normalize_output_relevance=normalize_output_relevance, output=output,
+               optimizations=optimizations).model

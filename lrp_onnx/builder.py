@@ -14,6 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .graph import Graph
+from .options import Optimizations
 
 
 class Builder:
@@ -21,12 +22,14 @@ class Builder:
 
     Attributes:
         dtype: the float dtype of the model input (constants are emitted in it).
+        options: the graph optimizations in effect.
         checks: ``(relevance value, forward value)`` pairs whose shapes must agree; verified by
             the compiler after shape inference on the result.
     """
 
-    def __init__(self, graph: Graph) -> None:
+    def __init__(self, graph: Graph, options: Optimizations | None = None) -> None:
         self.graph = graph
+        self.options = options or Optimizations()
         self.gs = graph.gs
         self.dtype = graph.dtype(graph.data_input)
         self._taken: set[str] = set(graph.tensors) | {str(n.name) for n in self.gs.nodes}

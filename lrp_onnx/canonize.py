@@ -26,7 +26,7 @@ import onnx
 from onnx import numpy_helper, version_converter
 
 from .errors import CanonizerError
-from .load import default_opset
+from .load import _skeleton, default_opset
 
 #: Opset the model is upgraded to when below ``UPGRADE_BELOW``.
 TARGET_OPSET = 17
@@ -122,32 +122,6 @@ def upgrade_opset(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
             f"{label}: cannot upgrade opset {opset} to {TARGET_OPSET}: {str(exc).splitlines()[0]}"
         ) from None
     return converted
-
-
-def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` whose large float initializers carry dims but no data."""
-    skel = onnx.ModelProto()
-    skel.ir_version = model.ir_version
-    skel.opset_import.extend(model.opset_import)
-    graph = skel.graph
-    graph.name = model.graph.name
-    graph.node.extend(model.graph.node)
-    graph.input.extend(model.graph.input)
-    graph.output.extend(model.graph.output)
-    for t in model.graph.initializer:
-        small = t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
-                                    onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
-        count = 1
-        for d in t.dims:
-            count *= d
-        if small or count <= 64:
-            graph.initializer.append(t)
-        else:
-            stub = graph.initializer.add()
-            stub.name = t.name
-            stub.data_type = t.data_type
-            stub.dims.extend(t.dims)
-    return skel
 
 
 def infer_shapes(model: onnx.ModelProto, label: str) -> onnx.ModelProto:

@@ -9,13 +9,15 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from . import __version__
 from .builder import Builder
-from .canonize import _skeleton
 from .errors import UnsupportedModel
 from .graph import Graph
 from .layers import Layer
+from .load import _skeleton, check_model
+from .options import Optimizations
 from .registry import resolve_entries
 from .rules import Rule
 
@@ -55,7 +57,8 @@ def _sum(b: Builder, values: list[gs.Tensor], tag: str) -> gs.Tensor:
 
 def compile_layers(graph: Graph, layers: Sequence[Layer], rules: Sequence[Rule], *,
                    normalize_output_relevance: bool = True,
-                   model_meta: onnx.ModelProto | None = None) -> onnx.ModelProto:
+                   model_meta: onnx.ModelProto | None = None,
+                   optimizations: Optimizations | None = None) -> onnx.ModelProto:
     """Emit the relevance pass for ``layers`` with ``rules`` (aligned) into ``graph``.
 
     Returns the compiled ``ModelProto``: original inputs plus ``target`` (int64 ``[N]``),
@@ -66,7 +69,7 @@ def compile_layers(graph: Graph, layers: Sequence[Layer], rules: Sequence[Rule],
         if name in graph.tensors:
             raise UnsupportedModel(f"{graph.label}: the model already has a value named "
                                    f"'{name}', which the compiled model's contract reserves")
-    b = Builder(graph)
+    b = Builder(graph, optimizations)
     batch = graph.data_input.shape[0]
     target = gs.Variable(TARGET, dtype=np.int64, shape=[batch])
     graph.gs.inputs.append(target)
@@ -109,23 +112,37 @@ def compile_layers(graph: Graph, layers: Sequence[Layer], rules: Sequence[Rule],
 
 def _export(graph: Graph, meta: onnx.ModelProto | None, layers: Sequence[Layer],
             rules: Sequence[Rule], normalize: bool) -> onnx.ModelProto:
-    src = meta
-    kwargs = {}
-    if src is not None:
-        kwargs["opset_imports"] = list(src.opset_import)
-    model: onnx.ModelProto = gs.export_onnx(graph.gs, do_type_check=True, **kwargs)
-    if src is not None:
-        model.ir_version = src.ir_version
-        model.producer_name = src.producer_name
-        model.producer_version = src.producer_version
-        model.domain = src.domain
-        model.model_version = src.model_version
-        model.doc_string = src.doc_string
-        model.metadata_props.extend(p for p in src.metadata_props if p.key != "lrp_onnx")
-    for node in model.graph.node:
+    """The compiled model, built in the pipeline's private canonicalised copy of the input.
+
+    The nodes are re-exported from the graphsurgeon graph (forward nodes as they were, plus
+    the emitted ones); the initializers already in the model stay where they are and only the
+    emitted constants are appended, so no weight is copied (``gs.export_onnx`` would copy
+    every one).
+    """
+    model = graph.proto
+    g = model.graph
+    nodes = [OnnxExporter.export_node(n) for n in graph.gs.nodes]
+    for node in nodes:
         props = graph.node_meta.get(node.name)
         if props:
             node.metadata_props.extend(props)
+    del g.node[:]
+    g.node.extend(nodes)
+    have = {t.name for t in g.initializer}
+    for tensor in graph.gs.tensors().values():
+        if isinstance(tensor, gs.Constant) and tensor.name not in have:
+            g.initializer.append(OnnxExporter.export_tensor_proto(tensor))
+    for protos, tensors in ((g.input, graph.gs.inputs), (g.output, graph.gs.outputs)):
+        present = {vi.name for vi in protos}
+        for t in tensors:
+            if t.name not in present:
+                protos.append(OnnxExporter.export_value_info_proto(t, do_type_check=True))
+    if meta is not None:
+        del model.opset_import[:]
+        model.opset_import.extend(meta.opset_import)
+    kept = [p for p in model.metadata_props if p.key != "lrp_onnx"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
     record = {
         "version": __version__,
         "normalize_output_relevance": normalize,
@@ -140,9 +157,10 @@ def _export(graph: Graph, meta: onnx.ModelProto | None, layers: Sequence[Layer],
 
 
 def _check(model: onnx.ModelProto, graph: Graph, b: Builder) -> None:
-    """``onnx.checker`` (full) and the emitters' shape promises, on the compiled model."""
+    """``onnx.checker`` (weights not serialized) and the emitters' shape promises, on the
+    compiled model."""
     try:
-        onnx.checker.check_model(model, full_check=False)
+        check_model(model)
     except onnx.checker.ValidationError as exc:  # pragma: no cover - emitter bug
         raise AssertionError(f"compiled model fails onnx.checker: {exc}") from None
     inferred = onnx.shape_inference.infer_shapes(_skeleton(model), strict_mode=True,

@@ -90,6 +90,8 @@ class Graph:
 
     def __init__(self, model: onnx.ModelProto, label: str, output: str | None = None) -> None:
         self.label = label
+        #: the pipeline's private model; the compiled model is built in it (weights stay put)
+        self.proto = model
         self.opset = default_opset(model)
         self.scopes = {n.name: scope_of(n) for n in model.graph.node}
         self.node_meta = {n.name: list(n.metadata_props) for n in model.graph.node
@@ -178,8 +180,6 @@ class Graph:
         nonneg: set[str] = set()
         for node in self.nodes:
             ins = self.data_inputs(node)
-            consts = [self.const_value(t) for t in node.inputs
-                      if t.name and t.name not in self.data]
             ok = False
             if node.op in _NONNEG_ALWAYS:
                 ok = True
@@ -188,7 +188,9 @@ class Graph:
                     node.inputs[1].name else None
                 ok = low is not None and float(np.min(low)) >= 0.0
             elif node.op in _NONNEG_PRESERVING and ins and all(t.name in nonneg for t in ins):
-                if node.op in value_consts:
+                if node.op in value_consts:  # (only these constants are loaded)
+                    consts = [self.const_value(t) for t in node.inputs
+                              if t.name and t.name not in self.data]
                     ok = all(c is not None and bool(np.all(c >= 0)) for c in consts)
                 elif node.op == "Pad":
                     pad = self.const_value(node.inputs[2]) if len(node.inputs) > 2 and \
@@ -220,6 +222,11 @@ class Graph:
         return t.name in self.nonneg
 
     # -- values ----------------------------------------------------------------------------
+    @staticmethod
+    def is_const(t: gs.Tensor) -> bool:
+        """Whether ``t`` is an initializer (without loading its value)."""
+        return isinstance(t, gs.Constant)
+
     @staticmethod
     def const_value(t: gs.Tensor) -> np.ndarray | None:
         """The value of a constant tensor (initializer), or ``None`` for runtime values."""

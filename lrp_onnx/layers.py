@@ -117,7 +117,7 @@ def _is_inference_bn(graph: Graph, node: gs.Node) -> bool:
         return False
     if int(attr(node, "training_mode", graph.opset, 0) or 0) != 0:
         return False
-    return all(graph.const_value(t) is not None for t in node.inputs[1:5])
+    return all(graph.is_const(t) for t in node.inputs[1:5])
 
 
 @dataclass(frozen=True)
@@ -232,8 +232,7 @@ def build_layers(graph: Graph) -> list[Layer]:
             act = standalone
             pre = out
         elif node.op in LINEAR_OPS and len(node.inputs) > 1 and \
-                graph.const_value(node.inputs[1]) is not None and \
-                node.inputs[0].name in graph.data:
+                graph.is_const(node.inputs[1]) and node.inputs[0].name in graph.data:
             nxt = _sole_consumer(graph, out)
             if nxt is not None and _is_const_bias_add(graph, nxt, out):
                 bias_add, out = nxt, nxt.outputs[0]

@@ -9,6 +9,7 @@ initializers; only input modifiers (``x⁺``, ``x⁻``) become runtime ops.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ import onnx_graphsurgeon as gs
 
 from .builder import Builder
 from .layers import Layer
-from .rules import ID, LinearRule, Mod, Sel, Term
+from .rules import ID, NEG, POS, LinearRule, Mod, Sel, Term
 from .stabilize import divide, negative, positive
 
 
@@ -29,15 +30,38 @@ class LinearOp(abc.ABC):
     ``None``), and implement :meth:`forward` and :meth:`transpose`.
     """
 
-    weight: np.ndarray
     bias: np.ndarray | None
     weight_tensor: gs.Constant | None = None
     bias_tensor: gs.Tensor | None = None
+    #: The model's weight initializer and the (small) factor that makes it the effective weight
+    #: (folded BatchNorm, Gemm's alpha), for modifiers emitted as ops on it; ``None``: this op
+    #: only has numpy parameters (:class:`~lrp_onnx.ops.linear_ops.BatchNormOp`).
+    weight_source: gs.Constant | None = None
+    weight_scale: np.ndarray | None = None
 
     def __init__(self, b: Builder, layer: Layer) -> None:
         self.b = b
         self.layer = layer
         self.graph = b.graph
+        self._weight: np.ndarray | None = None
+        self._weight_fn: Callable[[], np.ndarray] | None = None
+
+    @property
+    def weight(self) -> np.ndarray:
+        """The effective weight in float64, computed on first use: rules that only use the
+        model's own weight tensor never load it into Python."""
+        if self._weight is None:
+            assert self._weight_fn is not None
+            self._weight, self._weight_fn = self._weight_fn(), None
+        return self._weight
+
+    @weight.setter
+    def weight(self, value: np.ndarray | Callable[[], np.ndarray]) -> None:
+        """An array, or a function computing it (called at most once, when needed)."""
+        if callable(value):
+            self._weight, self._weight_fn = None, value
+        else:
+            self._weight, self._weight_fn = value, None
 
     @property
     def key(self) -> str:
@@ -55,12 +79,26 @@ class LinearOp(abc.ABC):
         else:
             if mod.kind == "id" and self.weight_tensor is not None:
                 return self.weight_tensor
+            if self.weight_source is not None and self.b.options.modifiers_as_ops:
+                shape = [int(d) for d in self.weight_source.shape]
+                return self.b.cached((self.key, which, mod), lambda: modify(
+                    self.b, self.effective_weight(), mod, shape))
             source = self.weight
         tag = ("W" if which == "w" else "b") + mod.tag
         return self.b.cached(
             (self.key, which, mod),
             lambda: self.b.const(self.prepare(which, mod(source)), tag),
         )
+
+    def effective_weight(self) -> gs.Tensor:
+        """The effective weight as a tensor: the model's initializer, times ``weight_scale``
+        (one ``Mul`` on constants, which ONNX Runtime folds when it creates the session)."""
+        assert self.weight_source is not None
+        if self.weight_scale is None:
+            return self.weight_source
+        scale = self.weight_scale
+        return self.b.cached((self.key, "w_eff"), lambda: self.b.op(
+            "Mul", self.weight_source, self.b.const(scale, "W/scale"), tag="W_eff"))
 
     def prepare(self, which: str, value: np.ndarray) -> np.ndarray:
         """Hook to lay a modified parameter out for :meth:`forward` (default: unchanged)."""
@@ -80,7 +118,7 @@ def _select(b: Builder, layer: Layer, x: gs.Tensor, sel: Sel, rule: LinearRule,
     """The input a term reads; ``None`` means identically zero (``x⁻`` of a non-negative x)."""
     if sel in cache:
         return cache[sel]
-    nonneg = b.graph.is_nonneg(x)
+    nonneg = b.options.sign_analysis and b.graph.is_nonneg(x)
     sample = b.graph.sample_shape(x, layer.primary)
     out: gs.Tensor | None
     if sel is Sel.X:
@@ -131,7 +169,8 @@ def emit_linear(b: Builder, rule: LinearRule, op: LinearOp, r_out: gs.Tensor) ->
         if not terms:
             continue
         tag = f"g{gi}"
-        if len(terms) == 1 and terms[0] == Term(Sel.X, ID, ID) and group.mask is None:
+        if (b.options.reuse_forward and len(terms) == 1 and terms[0] == Term(Sel.X, ID, ID)
+                and group.mask is None):
             z = z_plain
         else:
             z = None
@@ -147,7 +186,9 @@ def emit_linear(b: Builder, rule: LinearRule, op: LinearOp, r_out: gs.Tensor) ->
             mask = b.op(cmp, z_plain, b.scalar(0.0), tag=f"{tag}/mask")
             r = b.op("Where", mask, r_out, b.scalar(0.0), tag=f"{tag}/masked")
         assert z is not None
-        s = divide(b, r, z, rule.eps, tag=f"{tag}/s")
+        sign = _group_sign(terms, op.bias is not None, b.graph.is_nonneg(x)) \
+            if b.options.sign_analysis else None
+        s = divide(b, r, z, rule.eps, tag=f"{tag}/s", sign=sign)
         for t in terms:
             v = op.transpose(s, op.param("w", t.w))
             key = t.x if rule.multiply_input else None
@@ -160,6 +201,57 @@ def emit_linear(b: Builder, rule: LinearRule, op: LinearOp, r_out: gs.Tensor) ->
         total = acc if total is None else b.op("Add", total, acc, tag="R/sum")
     assert total is not None, "every rule has a term that reads x, x⁺, 1 or a bound"
     return total
+
+
+def modify(b: Builder, w: gs.Tensor, mod: Mod, shape: list[int]) -> gs.Tensor:
+    """``mod(w)`` as ops on the tensor ``w`` of ``shape`` (a constant expression: ONNX Runtime
+    folds it into an initializer when it creates the session, so the file stores no copy)."""
+    k = mod.kind
+    if k == "id":
+        return w
+    if k == "pos":
+        return b.op("Relu", w, tag="W+")
+    if k == "neg":
+        return b.op("Min", w, b.scalar(0.0), tag="W-")
+    if k == "square":
+        return b.op("Mul", w, w, tag="W^2")
+    if k in ("ones", "zero"):
+        return b.op("Expand", b.scalar(1.0 if k == "ones" else 0.0), b.ints(shape),
+                    tag=f"W{mod.tag}")
+    if k in ("gamma_pos", "gamma_neg"):
+        part = modify(b, w, POS if k == "gamma_pos" else NEG, shape)
+        scaled = b.op("Mul", part, b.scalar(mod.gamma), tag=f"W{mod.tag}/scaled")
+        return b.op("Add", w, scaled, tag=f"W{mod.tag}")
+    raise ValueError(f"unknown parameter modifier {k!r}")
+
+
+#: Sign of a modified parameter (``None``: either sign).
+_MOD_SIGN = {"pos": 1, "neg": -1, "square": 1, "ones": 1, "zero": 0}
+
+
+def _group_sign(terms: list[Term], has_bias: bool, x_nonneg: bool) -> int | None:
+    """The static sign of a group's denominator ``sum_k sign_k f(sel_k(x); w_k, b_k)``: ``+1``
+    when every term is a sum of non-negative products (ZPlus, Flat, WSquare, AlphaBeta's
+    positive group), ``-1`` when every term is non-positive (AlphaBeta's negative group),
+    ``None`` otherwise."""
+    signs: set[int] = set()
+    for t in terms:
+        if t.x in (Sel.POS, Sel.ONES) or (t.x is Sel.X and x_nonneg):
+            xs = 1
+        elif t.x is Sel.NEG:
+            xs = -1
+        else:
+            return None
+        ws = _MOD_SIGN.get(t.w.kind)
+        bs = _MOD_SIGN.get(t.b.kind) if has_bias else 0
+        if ws is None or bs is None:
+            return None
+        signs.update(v * t.sign for v in (xs * ws, bs) if v)
+    if signs <= {1}:
+        return 1
+    if signs == {-1}:
+        return -1
+    return None
 
 
 def _weighted_sum(b: Builder, items: list[tuple[float, gs.Tensor]]) -> gs.Tensor:

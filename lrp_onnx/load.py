@@ -107,7 +107,69 @@ def validate(proto: onnx.ModelProto, label: str) -> None:
             "re-export with opset_version>=13 (17 recommended)"
         )
     try:
-        onnx.checker.check_model(proto)
+        check_model(proto)
     except (onnx.checker.ValidationError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"{label}: invalid ONNX model: {first}") from None
+
+
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+           onnx.TensorProto.BFLOAT16)
+
+
+def _stored_elements(t: onnx.TensorProto) -> int:
+    """How many elements a float tensor's data holds (raw bytes or the typed field)."""
+    if t.HasField("raw_data"):
+        return len(t.raw_data) // onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    if t.data_type == onnx.TensorProto.FLOAT:
+        return len(t.float_data)
+    if t.data_type == onnx.TensorProto.DOUBLE:
+        return len(t.double_data)
+    return len(t.int32_data)  # FLOAT16 / BFLOAT16
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """``onnx.checker.check_model`` without serializing the weights.
+
+    The checker copies the whole model into C++; here large float initializers are replaced by
+    one-element stand-ins after their stored size is checked against their dims (what the
+    checker would verify for them). Raises ``onnx.checker.ValidationError`` as the checker does.
+    """
+    skel = _skeleton(model, data=True)
+    onnx.checker.check_model(skel, full_check=False)
+
+
+def _skeleton(model: onnx.ModelProto, data: bool = False) -> onnx.ModelProto:
+    """A copy of ``model`` whose large float initializers carry dims but no data (for shape
+    inference), or, with ``data=True``, one element and no dims (for the checker, after
+    their stored size is checked)."""
+    skel = onnx.ModelProto()
+    skel.ir_version = model.ir_version
+    skel.opset_import.extend(model.opset_import)
+    graph = skel.graph
+    graph.name = model.graph.name
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    for t in model.graph.initializer:
+        count = 1
+        for d in t.dims:
+            count *= d
+        if t.data_type not in _FLOATS or count <= 64 \
+                or t.data_location == onnx.TensorProto.EXTERNAL:
+            graph.initializer.append(t)
+            continue
+        stub = graph.initializer.add()
+        stub.name = t.name
+        stub.data_type = t.data_type
+        if not data:
+            stub.dims.extend(t.dims)
+            continue
+        stored = _stored_elements(t)
+        if stored != count:
+            raise onnx.checker.ValidationError(
+                f"initializer '{t.name}' holds {stored} values but its shape "
+                f"{list(t.dims)} needs {count}")
+        stub.dims.append(1)
+        stub.raw_data = bytes(onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize)
+    return skel

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -99,13 +101,28 @@ def test_emitted_names_are_prefixed(compiled: onnx.ModelProto) -> None:
                if t.name not in inits)
 
 
-def test_weights_are_not_copied_for_unmodified_rules() -> None:
-    """Epsilon/Zero reuse the model's initializers and the forward pre-activation."""
-    model = L.compile(SEED)  # ZeroRule everywhere
-    original = {t.name for t in onnx.load(SEED).graph.initializer}
-    added = [t for t in model.graph.initializer if t.name not in original]
-    assert sum(int(np.prod(t.dims)) for t in added) < 10_000
-    assert not any(n.op_type == "Conv" and n.name.startswith("lrp/") for n in model.graph.node)
+def _added_elements(model: onnx.ModelProto, original: set[str]) -> int:
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.name not in original)
+
+
+@pytest.mark.parametrize("composite", [None, L.EpsilonPlusFlat()], ids=["zero", "epf"])
+def test_no_weight_is_copied(composite: L.Composite | None) -> None:
+    """Modified weights (W⁺, flipped kernels) are ops on the model's own initializers, and
+    Epsilon/Zero reuse the forward pre-activation: the compiled file adds no weight-sized
+    tensor. With ``modifiers_as_ops`` off they are stored (the switch does something)."""
+    seed = onnx.load(SEED)
+    original = {t.name for t in seed.graph.initializer}
+    conv_elements = sum(int(np.prod(t.dims)) for t in seed.graph.initializer if len(t.dims) == 4)
+    model = L.compile(SEED, composite)
+    assert _added_elements(model, original) < 10_000
+    flips = [n for n in model.graph.node if n.name.endswith("/W/flipT")]
+    assert flips and all(n.op_type == "Slice" for n in flips)
+    lrp_convs = [n for n in model.graph.node if n.op_type == "Conv" and n.name.startswith("lrp/")]
+    if composite is None:  # no recomputed forward conv: only Conv-form transposes
+        assert lrp_convs and all(n.name.endswith("/convT") for n in lrp_convs)
+
+    stored = L.compile(SEED, composite, optimizations=L.Optimizations(modifiers_as_ops=False))
+    assert _added_elements(stored, original) >= conv_elements  # at least the flipped kernels
 
 
 def _two_output_model() -> onnx.ModelProto:
@@ -190,3 +207,13 @@ def test_trailing_softmax_is_kept_but_not_explained(rng: np.random.Generator) ->
             expect = np.log(expect)
         np.testing.assert_allclose(expl.output, expect, rtol=1e-5, atol=1e-6)
         assert list(expl.target) == [0, 2]
+
+
+def test_streamed_save_round_trips(tmp_path: Path) -> None:
+    """``save`` writes one initializer at a time; the file parses back to the same model."""
+    model = L.compile(SEED, L.EpsilonPlusFlat())
+    path = tmp_path / "c.onnx"
+    L.save_model(model, path)
+    back = onnx.load(path)
+    assert back == model
+    assert back.SerializeToString() == model.SerializeToString()

@@ -100,9 +100,8 @@ class ConvOp(LinearOp):
         if not isinstance(w, gs.Constant):
             raise UnsupportedOp(f"node {node_label(node.name, node.op, g.opset)}: weight "
                                 f"'{w.name}' is not a constant")
-        weight = np.asarray(w.values, dtype=np.float64)
-        nd = weight.ndim - 2
-        self.kernel = ints(attr(node, "kernel_shape", g.opset, None)) or list(weight.shape[2:])
+        nd = len(w.shape) - 2
+        self.kernel = ints(attr(node, "kernel_shape", g.opset, None)) or list(w.shape[2:])
         self.strides = ints(attr(node, "strides", g.opset, None)) or [1] * nd
         self.dilations = ints(attr(node, "dilations", g.opset, None)) or [1] * nd
         self.group = int(attr(node, "group", g.opset, 1))
@@ -113,7 +112,8 @@ class ConvOp(LinearOp):
                                   self.dilations)
         _, self.output_padding = transpose_padding(self.in_spatial, self.out_spatial, self.kernel,
                                                    self.strides, self.dilations, self.pads)
-        channels = weight.shape[0]
+        channels = int(w.shape[0])
+        scale: np.ndarray | None = None
         bias: np.ndarray | None = None
         if len(node.inputs) > 2 and node.inputs[2].name:
             if not isinstance(node.inputs[2], gs.Constant):
@@ -127,12 +127,18 @@ class ConvOp(LinearOp):
             self.bias_tensor = None
         if layer.batchnorm is not None:
             a, c = _bn_scale_shift(b, layer)
-            weight = weight * a.reshape([-1] + [1] * (nd + 1))
+            scale = a.reshape([-1] + [1] * (nd + 1))
             bias = (np.zeros(channels) if bias is None else bias) * a + c
             self.bias_tensor = None
         else:
             self.weight_tensor = w
-        self.weight, self.bias = weight, bias
+
+        def effective() -> np.ndarray:
+            weight = np.asarray(w.values, dtype=np.float64)
+            return weight if scale is None else weight * scale
+
+        self.weight, self.bias = effective, bias
+        self.weight_source, self.weight_scale = w, scale
 
     def _attrs(self) -> dict[str, Any]:
         return {"kernel_shape": self.kernel, "strides": self.strides, "pads": self.pads,
@@ -143,8 +149,58 @@ class ConvOp(LinearOp):
                          **self._attrs())
 
     def transpose(self, s: gs.Tensor, w: gs.Tensor) -> gs.Tensor:
+        pads = self._conv_pads()
+        if pads is not None and self.b.options.conv_transpose_as_conv:
+            if self.b.options.modifiers_as_ops:
+                wt = self.b.cached(("flipped", w.name), lambda: self._flip_ops(w))
+            else:
+                assert isinstance(w, gs.Constant)
+                wt = self.b.cached(("flipped", w.name), lambda: self.b.const(
+                    _flip_transpose(np.asarray(w.values), self.group), "W/flipT",
+                    dtype=np.asarray(w.values).dtype))
+            return self.b.op("Conv", s, wt, tag="convT", kernel_shape=self.kernel,
+                             strides=self.strides, pads=pads, dilations=self.dilations,
+                             group=self.group)
         return self.b.op("ConvTranspose", s, w, tag="convT", output_padding=self.output_padding,
                          **self._attrs())
+
+    def _flip_ops(self, w: gs.Tensor) -> gs.Tensor:
+        """:func:`_flip_transpose` as ops on ``w`` (constant-folded by ONNX Runtime)."""
+        b = self.b
+        assert self.weight_source is not None
+        c_out, c_in_g, *k = (int(d) for d in self.weight_source.shape)
+        g = self.group
+        if g > 1:
+            w = b.op("Reshape", w, b.ints([g, c_out // g, c_in_g, *k]), tag="W/groups")
+            perm = [0, 2, 1, *range(3, 3 + len(k))]
+            w = b.op("Transpose", w, tag="W/swap", perm=perm)
+            w = b.op("Reshape", w, b.ints([g * c_in_g, c_out // g, *k]), tag="W/ungroup")
+        else:
+            w = b.op("Transpose", w, tag="W/swap", perm=[1, 0, *range(2, 2 + len(k))])
+        axes = list(range(2, 2 + len(k)))
+        big = np.iinfo(np.int64).max
+        return b.op("Slice", w, b.ints([-1] * len(k)), b.ints([-big] * len(k)), b.ints(axes),
+                    b.ints([-1] * len(k)), tag="W/flipT")
+
+    def _conv_pads(self) -> list[int] | None:
+        """Pads of the ``Conv`` equal to this layer's transpose, or ``None`` when there is none
+        (a stride above 1, a 1x1 kernel, or a forward padding wider than the dilated kernel)."""
+        n = len(self.kernel)
+        if any(s != 1 for s in self.strides) or any(self.output_padding) \
+                or all(k == 1 for k in self.kernel):
+            return None  # 1x1 kernels: ConvTranspose is a plain GEMM already
+        span = [(k - 1) * d for k, d in zip(self.kernel, self.dilations)]
+        pads = [span[i % n] - p for i, p in enumerate(self.pads)]
+        return pads if min(pads) >= 0 else None
+
+
+def _flip_transpose(weight: np.ndarray, group: int) -> np.ndarray:
+    """``[C_out, C_in/g, *k]`` -> ``[C_in, C_out/g, *k]`` per group, kernel flipped in every
+    spatial axis: the weights of the Conv that computes this Conv's transpose (stride 1)."""
+    c_out, c_in_g, *k = weight.shape
+    w = weight.reshape(group, c_out // group, c_in_g, *k).swapaxes(1, 2)
+    w = w.reshape(group * c_in_g, c_out // group, *k)
+    return np.ascontiguousarray(np.flip(w, axis=tuple(range(2, w.ndim))))
 
 
 class GemmOp(LinearOp):
@@ -163,8 +219,8 @@ class GemmOp(LinearOp):
         alpha = float(attr(node, "alpha", g.opset, 1.0))
         beta = float(attr(node, "beta", g.opset, 1.0))
         self.trans_b = int(attr(node, "transB", g.opset, 0))
-        weight = np.asarray(w.values, dtype=np.float64) * alpha
-        channels = weight.shape[0] if self.trans_b else weight.shape[1]
+        channels = int(w.shape[0] if self.trans_b else w.shape[1])
+        scale: np.ndarray | None = None
         bias: np.ndarray | None = None
         if len(node.inputs) > 2 and node.inputs[2].name:
             c = node.inputs[2]
@@ -186,12 +242,20 @@ class GemmOp(LinearOp):
             self.bias_tensor = None
         if layer.batchnorm is not None:
             a, c2 = _bn_scale_shift(b, layer)
-            weight = weight * (a[:, None] if self.trans_b else a[None, :])
+            scale = a[:, None] if self.trans_b else a[None, :]
             bias = (np.zeros(channels) if bias is None else bias) * a + c2
             self.bias_tensor = None
         elif alpha == 1.0:
             self.weight_tensor = w
-        self.weight, self.bias = weight, bias
+
+        def effective() -> np.ndarray:
+            weight = np.asarray(w.values, dtype=np.float64) * alpha
+            return weight if scale is None else weight * scale
+
+        self.weight, self.bias = effective, bias
+        self.weight_source = w
+        if scale is not None or alpha != 1.0:
+            self.weight_scale = np.asarray(alpha if scale is None else scale * alpha)
 
     def forward(self, x: gs.Tensor, w: gs.Tensor, bias: gs.Tensor | None) -> gs.Tensor:
         return self.b.op("Gemm", x, w, *([bias] if bias is not None else []), tag="z/gemm",
@@ -212,13 +276,12 @@ class MatMulOp(LinearOp):
                 len(w.shape) != 2:
             raise UnsupportedOp(f"node {node_label(node.name, node.op, g.opset)}: only "
                                 "x @ W with a constant 2-D W is supported")
-        weight = np.asarray(w.values, dtype=np.float64)
         self.rank = len(g.shape(layer.inputs[0], node))
         bias = None
         if layer.bias_add is not None:
-            bias = _bias_add_vector(b, layer, weight.shape[1], self.rank - 1, self.rank)
-        self.weight_tensor = w
-        self.weight, self.bias = weight, bias
+            bias = _bias_add_vector(b, layer, int(w.shape[1]), self.rank - 1, self.rank)
+        self.weight_tensor = self.weight_source = w
+        self.weight, self.bias = (lambda: np.asarray(w.values, dtype=np.float64)), bias
 
     def forward(self, x: gs.Tensor, w: gs.Tensor, bias: gs.Tensor | None) -> gs.Tensor:
         z = self.b.op("MatMul", x, w, tag="z/matmul")
@@ -227,8 +290,12 @@ class MatMulOp(LinearOp):
     def transpose(self, s: gs.Tensor, w: gs.Tensor) -> gs.Tensor:
         if self.rank == 2:
             return self.b.op("Gemm", s, w, tag="matmulT", transB=1)
-        assert isinstance(w, gs.Constant)
-        wt = self.b.cached(("T", w.name), lambda: self.b.const(np.asarray(w.values).T, "W^T"))
+        if self.b.options.modifiers_as_ops:
+            wt = self.b.cached(("T", w.name), lambda: self.b.op("Transpose", w, tag="W^T"))
+        else:
+            assert isinstance(w, gs.Constant)
+            wt = self.b.cached(("T", w.name),
+                               lambda: self.b.const(np.asarray(w.values).T, "W^T"))
         return self.b.op("MatMul", s, wt, tag="matmulT")
 
 
