@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -71,17 +72,14 @@ def load_model(model: str | os.PathLike[str] | onnx.ModelProto) -> tuple[onnx.Mo
         if not path.is_file():
             raise ModelLoadError(f"{label}: no such file")
         try:
-            data = path.read_bytes()
+            if path.stat().st_size == 0:
+                raise ModelLoadError(f"{label}: file is empty, not an ONNX model")
+            with path.open("rb") as fh:
+                proto = read_model(fh)
         except OSError as exc:
             raise ModelLoadError(f"{label}: cannot read file ({exc.strerror})") from None
-        if not data:
-            raise ModelLoadError(f"{label}: file is empty, not an ONNX model")
-        proto = onnx.ModelProto()
-        try:
-            proto.ParseFromString(data)
-        except (DecodeError, RuntimeError, ValueError):
+        except (DecodeError, RuntimeError, ValueError, EOFError):
             raise ModelLoadError(f"{label}: not an ONNX model (protobuf parse failed)") from None
-        del data
         if not proto.HasField("graph"):
             raise ModelLoadError(f"{label}: not an ONNX model (no graph)")
         _check_external_locations(proto, path.parent, label)
@@ -94,6 +92,111 @@ def load_model(model: str | os.PathLike[str] | onnx.ModelProto) -> tuple[onnx.Mo
 
     validate(proto, label)
     return proto, label
+
+
+def _read_varint(fh: BinaryIO) -> int | None:
+    """A protobuf varint from ``fh``; ``None`` at a clean end of file."""
+    value, shift = 0, 0
+    while True:
+        b = fh.read(1)
+        if not b:
+            if shift:
+                raise EOFError("truncated varint")
+            return None
+        value |= (b[0] & 0x7F) << shift
+        if not b[0] & 0x80:
+            return value
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _read_exact(fh: BinaryIO, n: int) -> bytes:
+    data = fh.read(n)
+    if len(data) != n:
+        raise EOFError("truncated field")
+    return data
+
+
+def _field(fh: BinaryIO, end: int | None) -> tuple[int, int | None] | None:
+    """The next field's ``(key, length)`` (length ``None`` unless length-delimited), or
+    ``None`` at ``end`` (a clean end of file when ``end`` is ``None``)."""
+    if end is not None and fh.tell() >= end:
+        return None
+    key = _read_varint(fh)
+    if key is None:
+        if end is not None:
+            raise EOFError("truncated message")
+        return None
+    if key & 7 != 2:
+        return key, None
+    length = _read_varint(fh)
+    if length is None:
+        raise EOFError("truncated length")
+    return key, length
+
+
+def _payload(fh: BinaryIO, key: int, length: int | None) -> bytes:
+    """The field's payload (without its length prefix for length-delimited fields)."""
+    if length is not None:
+        return _read_exact(fh, length)
+    wire = key & 7
+    if wire == 0:
+        raw = bytearray()
+        while True:
+            b = _read_exact(fh, 1)
+            raw += b
+            if not b[0] & 0x80:
+                return bytes(raw)
+    if wire in (1, 5):
+        return _read_exact(fh, 8 if wire == 1 else 4)
+    raise ValueError(f"unsupported wire type {wire}")
+
+
+def _encode(key: int, payload: bytes, length_delimited: bool) -> bytes:
+    def varint(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            byte, n = n & 0x7F, n >> 7
+            out.append(byte | (0x80 if n else 0))
+            if not n:
+                return bytes(out)
+
+    return varint(key) + (varint(len(payload)) if length_delimited else b"") + payload
+
+
+def read_model(fh: BinaryIO) -> onnx.ModelProto:
+    """Parse a serialized ``ModelProto`` from ``fh`` one initializer at a time.
+
+    ``ParseFromString`` on the whole file holds the file's bytes and the parsed model at once
+    (2x the model); here the graph's initializers are parsed from their own slices of the file,
+    so the peak is the model plus its largest tensor. Every other field is collected and parsed
+    with ``MergeFromString``: the result equals ``ParseFromString`` of the file.
+    """
+    graph_no = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+    init_no = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+    model = onnx.ModelProto()
+    rest = bytearray()
+    while (head := _field(fh, None)) is not None:
+        key, length = head
+        if key >> 3 != graph_no or length is None:
+            rest += _encode(key, _payload(fh, key, length), length is not None)
+            continue
+        end = fh.tell() + length
+        graph_rest = bytearray()
+        while (g_head := _field(fh, end)) is not None:
+            g_key, g_length = g_head
+            g_payload = _payload(fh, g_key, g_length)
+            if g_key >> 3 == init_no and g_length is not None:
+                model.graph.initializer.add().ParseFromString(g_payload)
+            else:
+                graph_rest += _encode(g_key, g_payload, g_length is not None)
+            del g_payload
+        if fh.tell() != end:
+            raise ValueError("graph field overruns its length")
+        model.graph.MergeFromString(bytes(graph_rest))
+    model.MergeFromString(bytes(rest))
+    return model
 
 
 def validate(proto: onnx.ModelProto, label: str) -> None:

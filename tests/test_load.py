@@ -52,3 +52,49 @@ def test_compiled_model_runs_from_saved_file(tmp_path: Path, rng: np.random.Gene
     _, rel = ort_session(tmp_path / "c.onnx").run(None, {"input": x, "target": np.array([-1])})
     np.testing.assert_array_equal(rel, analyzer.analyze(x).relevance)
     assert [p.name for p in tmp_path.iterdir()] == ["c.onnx"]  # no temporary file left
+
+
+def test_streamed_read_equals_protobuf_parse(tmp_path: Path) -> None:
+    """``read_model`` parses initializers one by one; the result is ``ParseFromString``'s, for
+    a model whose fields come in an unusual order (initializers before nodes, a repeated
+    graph field merged) too."""
+    from lrp_onnx.load import read_model
+
+    model = onnx.load(SEED)
+    with SEED.open("rb") as fh:
+        assert read_model(fh) == model
+    # graph fields in another order, and the graph split over two fields (protobuf merges)
+    first, second = onnx.GraphProto(), onnx.GraphProto()
+    first.initializer.extend(model.graph.initializer[:3])
+    second.CopyFrom(model.graph)
+    del second.initializer[:3]
+    shell = onnx.ModelProto()
+    shell.CopyFrom(model)
+    shell.ClearField("graph")
+    key = bytes([onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number << 3 | 2])
+
+    def varint(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            out.append((n & 0x7F) | (0x80 if n >> 7 else 0))
+            n >>= 7
+            if not n:
+                return bytes(out)
+
+    parts = [key + varint(g.ByteSize()) + g.SerializeToString() for g in (first, second)]
+    data = parts[0] + shell.SerializeToString() + parts[1]
+    path = tmp_path / "odd.onnx"
+    path.write_bytes(data)
+    expected = onnx.ModelProto()
+    expected.ParseFromString(data)
+    with path.open("rb") as fh:
+        assert read_model(fh) == expected
+
+
+@pytest.mark.parametrize("cut", [1, 7, 1000, -5])
+def test_truncated_file_is_a_clean_error(tmp_path: Path, cut: int) -> None:
+    data = SEED.read_bytes()
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(data[:cut] if cut > 0 else data[:cut])
+    with pytest.raises(L.ModelLoadError, match="cut.onnx: "):
+        L.LRP(path)
