@@ -19,6 +19,7 @@ from .analyzer import (  # noqa: E402
     save_model,
     show_layer_indices,
 )
+from .check import CheckReport, CheckResult, check_model  # noqa: E402
 from .composites import (  # noqa: E402
     PRESETS,
     ActivationLayer,
@@ -52,6 +53,7 @@ from .composites import (  # noqa: E402
 )
 from .errors import (  # noqa: E402
     CanonizerError,
+    InvalidInput,
     LRPError,
     ModelLoadError,
     RuleAssignmentError,
@@ -88,8 +90,9 @@ __all__ = [
     "EpsilonPlusFlat", "FirstLayerMap", "FirstLayerTypeMap", "FirstNTypeMap", "GlobalMap",
     "GlobalTypeMap", "LastLayerMap", "LastLayerTypeMap", "LayerMap", "NameMap", "RangeMap",
     "RangeTypeMap", "parse_composite", "CanonizerError", "LRPError", "ModelLoadError",
-    "RuleAssignmentError", "RuleNotApplicable", "UnsupportedAttribute", "UnsupportedModel",
+    "InvalidInput", "RuleAssignmentError", "RuleNotApplicable", "UnsupportedAttribute",
+    "UnsupportedModel",
     "UnsupportedOp", "AlphaBetaRule", "EpsilonRule", "FlatRule", "GammaRule",
     "GeneralizedGammaRule", "GradientRule", "PassRule", "Rule", "WSquareRule", "ZBoxRule",
-    "ZeroRule", "ZPlusRule", "__version__",
+    "ZeroRule", "ZPlusRule", "CheckReport", "CheckResult", "check_model", "__version__",
 ]

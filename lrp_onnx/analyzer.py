@@ -13,9 +13,9 @@ import numpy as np
 import onnx
 
 from .canonize import run_passes
-from .compiler import RELEVANCE, TARGET, compile_layers
+from .compiler import PER_LAYER_PREFIX, RELEVANCE, TARGET, compile_layers
 from .composites import Composite, layer_infos
-from .errors import RuleAssignmentError, UnsupportedModel
+from .errors import InvalidInput, RuleAssignmentError, UnsupportedModel
 from .graph import Graph
 from .layers import Layer, build_layers
 from .load import load_model
@@ -50,14 +50,14 @@ def _meta_only(model: onnx.ModelProto) -> onnx.ModelProto:
     return meta
 
 
-def prepare(model: Any, output: str | None = None) -> Prepared:
+def prepare(model: Any, output: str | None = None, opset: int | None = None) -> Prepared:
     """Load, canonicalise and build the layer view of ``model`` (a path, a ``ModelProto`` or a
-    :class:`FlatModel`, whose layers form one flat chain)."""
+    :class:`FlatModel`, whose layers form one flat chain); ``opset`` converts it first."""
     flat = isinstance(model, FlatModel)
     if flat:
         model = model.source
     proto, label = load_model(model)
-    proto = run_passes(proto, label)
+    proto = run_passes(proto, label, opset=opset)
     meta = _meta_only(proto)
     graph = Graph(proto, label, output)
     del proto
@@ -263,19 +263,26 @@ class LRP:
         output: name of the graph output to explain (default: the first).
         optimizations: :class:`Optimizations` (all on by default; they never change the
             relevance, only how it is computed).
+        per_layer: also output the relevance each layer sends to its inputs
+            (``relevance_in_<i>``, see :attr:`per_layer_outputs`).
+        opset: convert the model to this default-domain opset (16 or newer) before compiling;
+            ``None`` keeps the model's (models below 16 are upgraded to 17).
 
     Attributes:
         model: the compiled ``onnx.ModelProto`` (inputs + ``target``, outputs + ``relevance``).
         layers: the layer view; ``rules``: the rule of each layer.
+        per_layer_outputs: ``(output name, 1-based layer index, layer summary)`` of each
+            per-layer relevance output (empty unless ``per_layer``).
     """
 
     def __init__(self, model: str | os.PathLike[str] | onnx.ModelProto,
                  rules_or_composite: Any = None, flatten: bool = True, *,
                  normalize_output_relevance: bool = True, output: str | None = None,
-                 optimizations: Optimizations | None = None) -> None:
+                 optimizations: Optimizations | None = None, per_layer: bool = False,
+                 opset: int | None = None, _audit: bool = False) -> None:
         if isinstance(model, FlatModel):
             flatten = True
-        prep = prepare(model, output)
+        prep = prepare(model, output, opset)
         self.rules: list[Rule] = assign_rules(prep, rules_or_composite, flatten)
         self.flatten = flatten
         self.tree = prep.tree
@@ -287,7 +294,13 @@ class LRP:
         self.model: onnx.ModelProto = compile_layers(
             prep.graph, prep.layers, self.rules,
             normalize_output_relevance=normalize_output_relevance, model_meta=prep.meta,
-            optimizations=optimizations)
+            optimizations=optimizations, per_layer=per_layer, audit=_audit)
+        by_index = {la.index + 1: la.summary for la in self.layers}
+        self.per_layer_outputs: list[tuple[str, int, str]] = []
+        for o in self.model.graph.output:
+            if o.name.startswith(PER_LAYER_PREFIX) and (per_layer or _audit):
+                index = int(o.name[len(PER_LAYER_PREFIX):].split("_")[0])
+                self.per_layer_outputs.append((o.name, index, by_index[index]))
         self._session: Any = None
         self._device: str | None = None
 
@@ -338,18 +351,48 @@ def run_compiled(session: Any, x: np.ndarray, target: Any, input_name: str, outp
     bad = (t < -1) | (t >= num_classes)
     if bad.any():
         raise UnsupportedModel(f"target {int(t[bad][0])} is outside [-1, {num_classes - 1}]")
-    out, rel = session.run([output_name, RELEVANCE], {input_name: x, TARGET: t})
+    _check_input(session, input_name, x)
+    # IO binding: the input is read from this numpy buffer where it is (CPU EP) or copied to
+    # the GPU once (CUDA EP); outputs are written into CPU buffers ORT allocates, once.
+    binding = session.io_binding()
+    binding.bind_cpu_input(input_name, np.ascontiguousarray(x))
+    binding.bind_cpu_input(TARGET, t)
+    binding.bind_output(output_name)
+    binding.bind_output(RELEVANCE)
+    session.run_with_iobinding(binding)
+    out, rel = binding.copy_outputs_to_cpu()
     logits_like = np.asarray(out)
     chosen = np.where(t < 0, logits_like.reshape(n, -1).argmax(axis=1), t)
     return Explanation(relevance=rel, output=out, target=chosen.astype(np.int64),
                        provider=session.get_providers()[0])
 
 
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64,
+              "tensor(float16)": np.float16}
+
+
+def _check_input(session: Any, input_name: str, x: np.ndarray) -> None:
+    """A one-line :class:`InvalidInput` where ONNX Runtime would fail deep in its run."""
+    spec = next((i for i in session.get_inputs() if i.name == input_name), None)
+    if spec is None:
+        return
+    want = _ORT_TYPES.get(spec.type)
+    if want is not None and x.dtype != want:
+        raise InvalidInput(f"input '{input_name}' must be {np.dtype(want).name}, got "
+                           f"{x.dtype.name} (convert with x.astype(np.{np.dtype(want).name}))")
+    shape = list(spec.shape)
+    if x.ndim != len(shape) or any(isinstance(d, int) and d != a for d, a in zip(shape, x.shape)):
+        dims = ["N" if not isinstance(d, int) else d for d in shape]
+        raise InvalidInput(f"input '{input_name}' has shape {list(x.shape)}; the model takes "
+                           f"{dims}")
+
+
 def compile(model: str | os.PathLike[str] | onnx.ModelProto,  # noqa: A001 (API name)
             rules_or_composite: Any = None, *, flatten: bool = True,
             normalize_output_relevance: bool = True, output: str | None = None,
-            optimizations: Optimizations | None = None) -> onnx.ModelProto:
+            optimizations: Optimizations | None = None, per_layer: bool = False,
+            opset: int | None = None) -> onnx.ModelProto:
     """Compile ``model``; returns the compiled ``ModelProto`` (arguments as :class:`LRP`)."""
     return LRP(model, rules_or_composite, flatten,
                normalize_output_relevance=normalize_output_relevance, output=output,
-               optimizations=optimizations).model
+               optimizations=optimizations, per_layer=per_layer, opset=opset).model

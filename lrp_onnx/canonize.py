@@ -31,6 +31,8 @@ from .load import _skeleton, default_opset
 #: Opset the model is upgraded to when below ``UPGRADE_BELOW``.
 TARGET_OPSET = 17
 UPGRADE_BELOW = 16
+#: Lowest opset a compiled model may be converted to (``opset=``).
+MIN_TARGET_OPSET = UPGRADE_BELOW
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,26 @@ def upgrade_opset(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
     return converted
 
 
+def convert_opset(model: onnx.ModelProto, label: str, opset: int) -> onnx.ModelProto:
+    """Convert ``model`` to default-domain ``opset`` (the compiled model's opset, ``--opset``).
+
+    Allowed: 16 (``ScatterElements`` with ``reduction``) up to the installed onnx's newest.
+    """
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_TARGET_OPSET <= opset <= newest:
+        raise CanonizerError(f"{label}: opset {opset} is outside the supported "
+                             f"{MIN_TARGET_OPSET}..{newest}")
+    current = default_opset(model)
+    if current == opset:
+        return model
+    try:
+        return version_converter.convert_version(model, opset)
+    except Exception as exc:  # the converter raises bare RuntimeError/ValueError/IndexError
+        raise CanonizerError(
+            f"{label}: cannot convert opset {current} to {opset}: {str(exc).splitlines()[0]}"
+        ) from None
+
+
 def infer_shapes(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
     """Run ONNX shape inference (with data propagation) without copying the weights."""
     skel = _skeleton(model)
@@ -148,8 +170,16 @@ DEFAULT_PASSES: tuple[Pass, ...] = (
 
 
 def run_passes(model: onnx.ModelProto, label: str,
-               passes: tuple[Pass, ...] = DEFAULT_PASSES) -> onnx.ModelProto:
-    """Apply ``passes`` in order to the private ``model`` and return the result."""
+               passes: tuple[Pass, ...] = DEFAULT_PASSES, *,
+               opset: int | None = None) -> onnx.ModelProto:
+    """Apply ``passes`` in order to the private ``model`` and return the result; ``opset``
+    converts the model to that opset before shape inference."""
+    if opset is not None:
+        target = opset
+        at = next(i for i, p in enumerate(passes) if p.name == "infer_shapes")
+        step = Pass(f"convert_opset_{opset}",
+                    lambda m, lab: convert_opset(m, lab, target), f"opset -> {opset}")
+        passes = (*passes[:at], step, *passes[at:])
     for p in passes:
         model = p.run(model, label)
     return model

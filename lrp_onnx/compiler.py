@@ -55,14 +55,41 @@ def _sum(b: Builder, values: list[gs.Tensor], tag: str) -> gs.Tensor:
     return b.op("Sum", *values, tag=tag)
 
 
+def per_layer_name(layer: Layer, k: int, n_inputs: int) -> str:
+    """Output name of the relevance ``layer`` sends to its ``k``-th input (``per_layer``):
+    ``relevance_in_<i>`` (1-based flat layer index), ``relevance_in_<i>_<k>`` (1-based) for
+    layers with several data inputs (``Add``, ``Concat``)."""
+    base = f"{PER_LAYER_PREFIX}{layer.index + 1}"
+    return base if n_inputs == 1 else f"{base}_{k + 1}"
+
+
+#: Prefix of the per-layer relevance outputs; ``relevance_out_<i>`` (audit only) is what arrives
+#: at layer i's output, summed over its consumers.
+PER_LAYER_PREFIX = "relevance_in_"
+AUDIT_PREFIX = "relevance_out_"
+
+
+def _add_output(graph: Graph, value: gs.Tensor, name: str, like: gs.Tensor) -> None:
+    if name in graph.tensors:
+        raise UnsupportedModel(f"{graph.label}: the model already has a value named '{name}', "
+                               "which the per-layer outputs need")
+    out = gs.Variable(name, dtype=like.dtype, shape=list(like.shape) if like.shape else None)
+    graph.gs.nodes.append(gs.Node("Identity", name=f"lrp/{name}", inputs=[value], outputs=[out]))
+    graph.gs.outputs.append(out)
+
+
 def compile_layers(graph: Graph, layers: Sequence[Layer], rules: Sequence[Rule], *,
                    normalize_output_relevance: bool = True,
                    model_meta: onnx.ModelProto | None = None,
-                   optimizations: Optimizations | None = None) -> onnx.ModelProto:
+                   optimizations: Optimizations | None = None,
+                   per_layer: bool = False, audit: bool = False) -> onnx.ModelProto:
     """Emit the relevance pass for ``layers`` with ``rules`` (aligned) into ``graph``.
 
     Returns the compiled ``ModelProto``: original inputs plus ``target`` (int64 ``[N]``),
-    original outputs plus ``relevance`` (shape and dtype of the data input).
+    original outputs plus ``relevance`` (shape and dtype of the data input). ``per_layer``
+    adds the relevance each layer sends to each of its inputs as outputs (names from
+    :func:`per_layer_name`, first layer first, after ``relevance``); ``audit`` (used by
+    :mod:`lrp_onnx.check`) also adds, per layer, the relevance arriving at its output.
     """
     entries = resolve_entries(layers, rules, graph.label, graph.opset, graph.shape)
     for name in (TARGET, RELEVANCE):
@@ -76,6 +103,8 @@ def compile_layers(graph: Graph, layers: Sequence[Layer], rules: Sequence[Rule],
 
     pending: dict[str, list[gs.Tensor]] = {graph.logits.name: [_seed(b, graph, target,
                                                                       normalize_output_relevance)]}
+    # per-layer outputs: (layer index, value, output name, shape like)
+    extra: list[tuple[int, gs.Tensor, str, gs.Tensor]] = []
     for layer, rule, entry in zip(reversed(layers), reversed(rules), reversed(entries)):
         outputs = layer.outputs if entry.multi_output else (layer.output,)
         arrived = [pending.pop(t.name, None) for t in outputs]
@@ -88,10 +117,18 @@ def compile_layers(graph: Graph, layers: Sequence[Layer], rules: Sequence[Rule],
         if len(r_ins) != len(layer.inputs):
             raise AssertionError(f"emitter for {layer.kind} returned {len(r_ins)} relevances "
                                  f"for {len(layer.inputs)} inputs")
-        for x, r in zip(layer.inputs, r_ins):
+        if audit:
+            for i, r_out in enumerate(r_outs):
+                if r_out is not None:
+                    suffix = f"_{i + 1}" if entry.multi_output else ""
+                    extra.append((layer.index, r_out, f"{AUDIT_PREFIX}{layer.index + 1}{suffix}",
+                                  outputs[i]))
+        for k, (x, r) in enumerate(zip(layer.inputs, r_ins)):
             if r is not None:
                 b.expect_shape(r, x)
                 pending.setdefault(x.name, []).append(r)
+                if per_layer or audit:
+                    extra.append((layer.index, r, per_layer_name(layer, k, len(layer.inputs)), x))
 
     x = graph.data_input
     reached = pending.pop(x.name, [])
@@ -104,6 +141,8 @@ def compile_layers(graph: Graph, layers: Sequence[Layer], rules: Sequence[Rule],
     out = gs.Variable(RELEVANCE, dtype=x.dtype, shape=list(x.shape))
     graph.gs.nodes.append(gs.Node("Identity", name="lrp/relevance", inputs=[final], outputs=[out]))
     graph.gs.outputs.append(out)
+    for _, value, name, like in sorted(extra, key=lambda e: e[0]):  # stable: first layer first
+        _add_output(graph, value, name, like)
 
     model = _export(graph, model_meta, layers, rules, normalize_output_relevance)
     _check(model, graph, b)

@@ -15,6 +15,10 @@ class UnsupportedModel(LRPError):
     """The model is valid ONNX but outside what the compiler handles (inputs, outputs, shapes)."""
 
 
+class InvalidInput(LRPError):
+    """An input array or target given to a compiled model does not fit it (dtype, shape)."""
+
+
 class UnsupportedOp(LRPError):
     """One or more nodes on the relevance path have no relevance emitter."""
 

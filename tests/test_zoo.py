@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -103,44 +104,47 @@ def test_zoo_model_matches_zennit(name: str, tmp_path: Path) -> None:
         z64[p.name] = oracle.zennit_relevance(model64, x64,
                                               p.zennit(zoo.canonizers(name, model64)),
                                               target, 1000)[1]
-    paths = {}
-    for dynamo in (False, True):
-        exporter = "dynamo" if dynamo else "legacy"
-        paths[exporter] = (
-            oracle.export(model, tmp_path / f"{name}_{exporter}.onnx", torch.zeros(1, *SHAPE),
-                          dynamo=dynamo),
-            oracle.export(model64, tmp_path / f"{name}_{exporter}_f64.onnx",
-                          torch.zeros(1, *SHAPE, dtype=torch.float64), dynamo=dynamo))
-    del model, model64  # VGG16 in float64 is 1.1 GB: keep at most one model in memory
-    gc.collect()
-    for exporter, (path, path64) in paths.items():
-        for preset in zoo.PRESETS:
-            label = f"{name} {exporter} {preset.name}"
-            ref32, ref64 = z32[preset.name], z64[preset.name]
-            # float64: the compiled graph of the float64 export vs Zennit float64
-            compiled64 = L.compile(path64, preset.ours(name))
-            for n in (BATCH, 1):
-                feeds = {"input": x64[:n], "target": target[:n]}
-                rel64 = float64.run(compiled64, feeds, ["relevance"])[0]
-                oracle.assert_agreement(rel64, ref64[:n], f"{label} float64 batch {n}",
-                                        max_rel=F64_REL)
-            del compiled64
-            gc.collect()
-            # float32: the product, run by ONNX Runtime
-            analyzer = L.LRP(path, preset.ours(name))
-            rel = {n: analyzer.analyze(x[:n], target[:n], device="cpu").relevance
-                   for n in (BATCH, 1)}
-            kernel_limited = (name, preset.name) in KERNEL_LIMITED
-            for n, r in rel.items():
-                _check_float32(r, ref32[:n], ref64[:n], f"{label} float32 batch {n}",
-                               enforce=not kernel_limited)
-            if kernel_limited:  # the same float32 graph on float32 numpy/torch kernels
+    try:
+        paths = {}
+        for dynamo in (False, True):
+            exporter = "dynamo" if dynamo else "legacy"
+            paths[exporter] = (
+                oracle.export(model, tmp_path / f"{name}_{exporter}.onnx", torch.zeros(1, *SHAPE),
+                              dynamo=dynamo),
+                oracle.export(model64, tmp_path / f"{name}_{exporter}_f64.onnx",
+                              torch.zeros(1, *SHAPE, dtype=torch.float64), dynamo=dynamo))
+        del model, model64  # VGG16 in float64 is 1.1 GB: keep at most one model in memory
+        gc.collect()
+        for exporter, (path, path64) in paths.items():
+            for preset in zoo.PRESETS:
+                label = f"{name} {exporter} {preset.name}"
+                ref32, ref64 = z32[preset.name], z64[preset.name]
+                # float64: the compiled graph of the float64 export vs Zennit float64
+                compiled64 = L.compile(path64, preset.ours(name))
                 for n in (BATCH, 1):
-                    feeds = {"input": x[:n], "target": target[:n]}
-                    r = float64.run(analyzer.model, feeds, ["relevance"], float32=True)[0]
-                    _check_float32(r, ref32[:n], ref64[:n],
-                                   f"{label} float32 (numpy/torch kernels) batch {n}")
-            print(f"CONSERVATION {label}: ours {zoo.relevance_sum(rel[BATCH])}, "
-                  f"zennit {zoo.relevance_sum(ref32)}")
-            del analyzer
-            gc.collect()
+                    feeds = {"input": x64[:n], "target": target[:n]}
+                    rel64 = float64.run(compiled64, feeds, ["relevance"])[0]
+                    oracle.assert_agreement(rel64, ref64[:n], f"{label} float64 batch {n}",
+                                            max_rel=F64_REL)
+                del compiled64
+                gc.collect()
+                # float32: the product, run by ONNX Runtime
+                analyzer = L.LRP(path, preset.ours(name))
+                rel = {n: analyzer.analyze(x[:n], target[:n], device="cpu").relevance
+                       for n in (BATCH, 1)}
+                kernel_limited = (name, preset.name) in KERNEL_LIMITED
+                for n, r in rel.items():
+                    _check_float32(r, ref32[:n], ref64[:n], f"{label} float32 batch {n}",
+                                   enforce=not kernel_limited)
+                if kernel_limited:  # the same float32 graph on float32 numpy/torch kernels
+                    for n in (BATCH, 1):
+                        feeds = {"input": x[:n], "target": target[:n]}
+                        r = float64.run(analyzer.model, feeds, ["relevance"], float32=True)[0]
+                        _check_float32(r, ref32[:n], ref64[:n],
+                                       f"{label} float32 (numpy/torch kernels) batch {n}")
+                print(f"CONSERVATION {label}: ours {zoo.relevance_sum(rel[BATCH])}, "
+                      f"zennit {zoo.relevance_sum(ref32)}")
+                del analyzer
+                gc.collect()
+    finally:  # VGG16's four exports are 3.2 GB: never leave them on a disk
+        shutil.rmtree(tmp_path, ignore_errors=True)

@@ -1,0 +1,375 @@
+"""``check``: verify a model compiles and that its compiled form behaves (the CI export step).
+
+:func:`check_model` takes an original model (compiled here with the given rules) or a model
+``convert`` wrote (the rules it was compiled with are read back from its ``lrp_onnx`` metadata).
+It runs the original and the compiled model on seeded random inputs and reports, each as a
+:class:`CheckResult`:
+
+* ``onnx_checker``: the compiled model passes ``onnx.checker`` and strict shape inference
+  (``onnx.checker``'s full check, without copying the weights);
+* ``outputs_unchanged``: the compiled model's original outputs equal the original model's;
+* ``relevance_finite``: no NaN/Inf in the input relevance nor in any layer's relevance;
+* ``recorded_rules`` (compiled input only): recompiling the original part with the rules
+  recorded in the file gives the file's relevance (a stale or edited file fails);
+* ``conservation_layers``: every layer whose rule conserves relevance on it (see
+  :func:`conserving`) passes on what it receives, to ``CONSERVATION_TOL``;
+* ``conservation_total``: the input relevance sums to the seed (1 per sample, or the logit),
+  checked when every layer conserves; otherwise reported and skipped.
+
+Tolerances are float32's: outputs within ``OUTPUT_RTOL`` of the original's largest magnitude
+(ONNX Runtime may fuse the forward nodes differently once they have more consumers).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .analyzer import LRP
+from .compiler import AUDIT_PREFIX, PER_LAYER_PREFIX, RELEVANCE, TARGET
+from .errors import LRPError, UnsupportedModel
+from .layers import Layer
+from .load import _skeleton, load_model
+from .load import check_model as onnx_check
+from .rulefile import parse_rule
+from .rules import (
+    AlphaBetaRule,
+    FlatRule,
+    GradientRule,
+    LinearRule,
+    PassRule,
+    Rule,
+    WSquareRule,
+    ZBoxRule,
+)
+from .runtime import make_session
+
+#: Largest relative difference between the compiled and the original model's outputs.
+OUTPUT_RTOL = 1e-5
+#: Largest relative difference between the relevance a conserving layer receives and passes on.
+CONSERVATION_TOL = 1e-3
+#: Largest relative L2 difference between a compiled file's relevance and its recompilation.
+REPRODUCE_TOL = 1e-5
+_LINEAR_KINDS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass
+class CheckResult:
+    """One check: ``ok`` is True (passed), False (failed) or None (not applicable, skipped)."""
+
+    name: str
+    ok: bool | None
+    detail: str
+
+
+@dataclass
+class CheckReport:
+    """All checks of one model; ``ok`` when none failed."""
+
+    label: str
+    compiled_input: bool
+    samples: int
+    seed: int
+    provider: str
+    results: list[CheckResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok is not False for r in self.results)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (``lrp-onnx check --json``)."""
+        out = asdict(self)
+        out["ok"] = self.ok
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=2, sort_keys=True)
+
+
+def _has_bias(layer: Layer) -> bool:
+    if layer.bias_add is not None or layer.batchnorm is not None:
+        return True
+    if layer.kind in _LINEAR_KINDS and len(layer.primary.inputs) > 2:
+        bias = layer.primary.inputs[2]
+        if isinstance(bias, gs.Constant):
+            return bool(np.any(bias.values))
+        return str(bias.name) != ""  # a computed bias: assume non-zero
+    return False
+
+
+def conserving(layer: Layer, rule: Rule) -> bool:
+    """Whether ``rule`` on ``layer`` passes on all the relevance the layer receives (up to the
+    stabilizer): pass-through and pooling/sum/concat layers under the z-rules do; a linear
+    layer does when it has no bias (or the rule drops it: ``zero_bias=True``, ``FlatRule``)
+    and the rule is not an ``AlphaBetaRule`` with ``alpha - beta != 1``; ``GradientRule``
+    does not."""
+    if isinstance(rule, PassRule):
+        return True
+    if isinstance(rule, GradientRule):
+        return False
+    if layer.kind not in _LINEAR_KINDS:
+        return True
+    if not isinstance(rule, LinearRule):
+        return False
+    if isinstance(rule, AlphaBetaRule) and abs(rule.alpha - rule.beta - 1.0) > 1e-12:
+        return False
+    if isinstance(rule, FlatRule):
+        return True
+    if isinstance(rule, (WSquareRule, ZBoxRule)) or hasattr(rule, "zero_bias"):
+        return bool(getattr(rule, "zero_bias", False)) or not _has_bias(layer)
+    return not _has_bias(layer)
+
+
+def strip_compiled(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The original model inside a compiled one: without ``target``, the relevance outputs and
+    every node only they need (a new ``ModelProto``; ``model`` is not modified)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    keep_out = [o for o in g.output
+                if o.name != RELEVANCE and not o.name.startswith((PER_LAYER_PREFIX,
+                                                                  AUDIT_PREFIX))]
+    del g.output[:]
+    g.output.extend(keep_out)
+    keep_in = [i for i in g.input if i.name != TARGET]
+    del g.input[:]
+    g.input.extend(keep_in)
+    needed = {o.name for o in keep_out}
+    kept = []
+    for node in reversed(g.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+            for a in node.attribute:  # subgraphs read outer values
+                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    needed.update(i for n in sub.node for i in n.input if i)
+    kept.reverse()
+    del g.node[:]
+    g.node.extend(kept)
+    inits = [t for t in g.initializer if t.name in needed]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    vis = [v for v in g.value_info if v.name in needed]
+    del g.value_info[:]
+    g.value_info.extend(vis)
+    props = [p for p in out.metadata_props if p.key != "lrp_onnx"]
+    del out.metadata_props[:]
+    out.metadata_props.extend(props)
+    return out
+
+
+def _recorded_rules(model: onnx.ModelProto, label: str) -> list[Rule] | None:
+    record = {p.key: p.value for p in model.metadata_props}.get("lrp_onnx")
+    if record is None:
+        return None
+    try:
+        layers = json.loads(record)["layers"]
+        return [parse_rule(la["rule"]) for la in layers]
+    except (ValueError, KeyError, TypeError, LRPError) as exc:
+        raise UnsupportedModel(f"{label}: unreadable lrp_onnx metadata ({exc})") from None
+
+
+def _is_compiled(model: onnx.ModelProto) -> bool:
+    return (any(i.name == TARGET for i in model.graph.input)
+            and any(o.name == RELEVANCE for o in model.graph.output))
+
+
+_NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
+       onnx.TensorProto.FLOAT16: np.float16}
+
+
+def _random_input(model: onnx.ModelProto, label: str, samples: int,
+                  rng: np.random.Generator) -> tuple[str, np.ndarray]:
+    inits = {t.name for t in model.graph.initializer}
+    data = [i for i in model.graph.input if i.name not in inits and i.name != TARGET]
+    if len(data) != 1:
+        raise UnsupportedModel(f"{label}: expected one data input, found {len(data)}")
+    vi = data[0]
+    tt = vi.type.tensor_type
+    if tt.elem_type not in _NP:
+        raise UnsupportedModel(f"{label}: input '{vi.name}' is not a float tensor")
+    shape = []
+    for k, d in enumerate(tt.shape.dim):
+        if d.HasField("dim_value"):
+            shape.append(int(d.dim_value))
+        elif k == 0:
+            shape.append(samples)
+        else:
+            raise UnsupportedModel(f"{label}: input '{vi.name}' dimension {k} is not static")
+    # Standard normal, clipped to [-3, 3]: the range of normalized image inputs.
+    x = np.clip(rng.standard_normal(shape), -3.0, 3.0).astype(_NP[tt.elem_type])
+    return vi.name, x
+
+
+def _rel_diff(a: np.ndarray, b: np.ndarray) -> float:
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    scale = max(float(np.abs(b64).max(initial=0.0)), 1e-30)
+    return float(np.abs(a64 - b64).max(initial=0.0) / scale)
+
+
+def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], device: str
+         ) -> tuple[dict[str, np.ndarray], str]:
+    session = make_session(model, device=device)
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds))), session.get_providers()[0]
+
+
+def _sums(values: np.ndarray) -> np.ndarray:
+    out: np.ndarray = values.reshape(values.shape[0], -1).astype(np.float64).sum(axis=1)
+    return out
+
+
+def _conservation(analyzer: LRP, outs: dict[str, np.ndarray]) -> tuple[CheckResult, bool]:
+    """Per-layer check; returns the result and whether every layer conserves."""
+    checked, skipped, worst, failed = 0, [], 0.0, []
+    for layer, rule in zip(analyzer.layers, analyzer.rules):
+        i = layer.index + 1
+        received = [v for k, v in outs.items()
+                    if k == f"{AUDIT_PREFIX}{i}" or k.startswith(f"{AUDIT_PREFIX}{i}_")]
+        sent = [v for k, v in outs.items()
+                if k == f"{PER_LAYER_PREFIX}{i}" or k.startswith(f"{PER_LAYER_PREFIX}{i}_")]
+        if not received:
+            continue  # no relevance reaches this layer
+        if not conserving(layer, rule):
+            skipped.append(i)
+            continue
+        r_out = sum(_sums(v) for v in received)
+        r_in = sum((_sums(v) for v in sent), np.zeros_like(r_out))
+        scale = np.maximum(np.abs(r_out), 1e-12)
+        err = float(np.max(np.abs(r_in - r_out) / scale))
+        checked += 1
+        worst = max(worst, err)
+        if not err <= CONSERVATION_TOL:
+            failed.append(f"layer {i} {layer.summary} => {rule!r}: {err:.3g}")
+    detail = (f"{checked} layers checked, largest relative difference {worst:.3g} "
+              f"(tolerance {CONSERVATION_TOL:g})")
+    if skipped:
+        detail += (f"; {len(skipped)} layers absorb relevance by design (bias, epsilon, "
+                   f"alpha-beta, gradient), not checked: {', '.join(map(str, skipped))}")
+    if failed:
+        return CheckResult("conservation_layers", False, "; ".join(failed) + f" ({detail})"), False
+    if checked == 0:
+        return CheckResult("conservation_layers", None, detail), not skipped
+    return CheckResult("conservation_layers", True, detail), not skipped
+
+
+def check_model(model: Any, rules_or_composite: Any = None, *, samples: int = 4, seed: int = 0,
+                device: str = "cpu", output: str | None = None) -> CheckReport:
+    """Check ``model`` (a path or ``ModelProto``; original or compiled) as described in the
+    module docstring. Raises :class:`~lrp_onnx.errors.LRPError` subclasses when the model is
+    refused (unreadable, unsupported); failed checks are reported, not raised."""
+    if samples < 1:
+        raise ValueError("samples must be >= 1")
+    proto, label = load_model(model)
+    compiled_input = _is_compiled(proto)
+    results: list[CheckResult] = []
+    if compiled_input:
+        if rules_or_composite is not None:
+            raise UnsupportedModel(f"{label}: already compiled; check it without rules (they "
+                                   "are read from the file)")
+        product = proto
+        original = strip_compiled(proto)
+        rules: Any = _recorded_rules(proto, label)
+        record = json.loads({p.key: p.value for p in proto.metadata_props}.get("lrp_onnx",
+                                                                                 "{}"))
+        normalize = bool(record.get("normalize_output_relevance", True))
+        output = output or record.get("explained_output")
+    else:
+        original, rules, normalize = proto, rules_or_composite, True
+        product = LRP(proto, rules, normalize_output_relevance=normalize, output=output).model
+    try:
+        onnx_check(product)
+        onnx.shape_inference.infer_shapes(_skeleton(product), check_type=True, strict_mode=True)
+        results.append(CheckResult("onnx_checker", True,
+                                   "onnx.checker and strict shape inference passed"))
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        results.append(CheckResult("onnx_checker", False, str(exc).strip().splitlines()[0]))
+
+    rng = np.random.default_rng(seed)
+    input_name, x = _random_input(original, label, samples, rng)
+    n = x.shape[0]
+    feeds = {input_name: x}
+    target = np.full((n,), -1, dtype=np.int64)
+    orig_outs, _ = _run(original, feeds, device)
+    prod_outs, provider = _run(product, {**feeds, TARGET: target}, device)
+    report = CheckReport(label, compiled_input, n, seed, provider, results)
+
+    diffs = {k: _rel_diff(prod_outs[k], v) for k, v in orig_outs.items()}
+    worst = max(diffs.values(), default=0.0)
+    bad = [k for k, d in diffs.items() if not d <= OUTPUT_RTOL]
+    results.append(CheckResult(
+        "outputs_unchanged", not bad,
+        f"{len(diffs)} outputs, largest relative difference {worst:.3g} "
+        f"(tolerance {OUTPUT_RTOL:g})" + (f"; differ: {', '.join(bad)}" if bad else "")))
+
+    rel = prod_outs[RELEVANCE]
+    audit: LRP | None = None
+    if rules is not None or not compiled_input:
+        audit = LRP(original, rules, normalize_output_relevance=normalize, output=output,
+                    _audit=True)
+    audit_outs = _run(audit.model, {**feeds, TARGET: target}, device)[0] if audit else {}
+    nonfinite = [k for k, v in {RELEVANCE: rel, **audit_outs}.items()
+                 if k.startswith((RELEVANCE, PER_LAYER_PREFIX, AUDIT_PREFIX))
+                 and not np.isfinite(v).all()]
+    results.append(CheckResult(
+        "relevance_finite", not nonfinite,
+        "relevance and every layer's relevance finite" if not nonfinite
+        else f"NaN/Inf in {', '.join(nonfinite[:5])}" + (" ..." if len(nonfinite) > 5 else "")))
+
+    if compiled_input:
+        if audit is None:
+            results.append(CheckResult("recorded_rules", None,
+                                       "no lrp_onnx metadata: rules unknown"))
+        else:
+            diff = _rel_l2(rel, audit_outs[RELEVANCE])
+            results.append(CheckResult(
+                "recorded_rules", diff <= REPRODUCE_TOL,
+                f"recompiled with the {len(audit.rules)} recorded rules: relative L2 "
+                f"difference {diff:.3g} (tolerance {REPRODUCE_TOL:g})"))
+    if audit is None:
+        results.append(CheckResult("conservation_layers", None, "rules unknown"))
+        results.append(CheckResult("conservation_total", None, "rules unknown"))
+        return report
+    layer_result, all_conserve = _conservation(audit, audit_outs)
+    results.append(layer_result)
+    seed_sum = np.ones(n) if normalize else _seed_logits(audit_outs)
+    totals = _sums(rel)
+    err = float(np.max(np.abs(totals - seed_sum) / np.maximum(np.abs(seed_sum), 1e-12)))
+    sums = ", ".join(f"{t:.6g}" for t in totals)
+    if all_conserve:
+        results.append(CheckResult(
+            "conservation_total", err <= CONSERVATION_TOL * len(audit.layers),
+            f"relevance sums {sums} (seed {'1' if normalize else 'logit'}), largest relative "
+            f"difference {err:.3g}"))
+    else:
+        results.append(CheckResult(
+            "conservation_total", None,
+            f"not every layer conserves (see conservation_layers); relevance sums {sums}"))
+    return report
+
+
+def _seed_logits(outs: dict[str, np.ndarray]) -> np.ndarray:
+    """Per-sample seed when relevance starts at the logit: what arrives at the output of the
+    last layer relevance reaches (the layer computing the logits)."""
+    last = max(int(k[len(AUDIT_PREFIX):].split("_")[0]) for k in outs
+               if k.startswith(AUDIT_PREFIX))
+    arrived = [_sums(v) for k, v in outs.items()
+               if k == f"{AUDIT_PREFIX}{last}" or k.startswith(f"{AUDIT_PREFIX}{last}_")]
+    total: np.ndarray = np.sum(arrived, axis=0)
+    return total
+
+
+def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    return float(np.linalg.norm(a64 - b64) / max(float(np.linalg.norm(b64)), 1e-30))
+
+
+__all__: Sequence[str] = ("CheckReport", "CheckResult", "check_model", "conserving",
+                          "strip_compiled")
