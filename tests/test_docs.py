@@ -82,3 +82,58 @@ def test_readme_main_command_runs(tmp_path: Path) -> None:
     for i in range(10):
         assert (tmp_path / "out" / f"digits_samples_{i}.png").is_file()
         assert (tmp_path / "out" / f"digits_samples_{i}.relevance.npy").is_file()
+
+
+CONSOLE = re.compile(r"```\n(\$ .*?)```\n", re.S)
+
+
+def _matches(expected: list[str], actual: list[str]) -> bool:
+    """``expected`` lines appear in ``actual`` in order; ``...`` skips any number of lines."""
+    i = 0
+    skip = False
+    for line in expected:
+        if line.strip() == "...":
+            skip = True
+            continue
+        while i < len(actual) and actual[i] != line:
+            if not skip:
+                return False
+            i += 1
+        if i == len(actual):
+            return False
+        i += 1
+        skip = False
+    return skip or i == len(actual)
+
+
+@pytest.mark.parametrize("page", DOCS, ids=[p.name for p in DOCS])
+def test_doc_console_examples(page: Path, tmp_path: Path) -> None:
+    """Every ``$ lrp-onnx ...`` line in an unlabelled code block runs (in order, per page, in a
+    scratch folder) and prints the lines shown under it (``...`` elides lines)."""
+    import shlex
+    import subprocess
+    import sys
+
+    blocks = CONSOLE.findall(page.read_text())
+    if not blocks:
+        return
+    (tmp_path / "models").symlink_to(MODELS)
+    for block in blocks:
+        runs: list[tuple[str, list[str]]] = []
+        for line in block.rstrip("\n").split("\n"):
+            if line.startswith("$ "):
+                runs.append((line[2:], []))
+            else:
+                runs[-1][1].append(line)
+        for command, expected in runs:
+            args = shlex.split(command)
+            if args[0] == "node":  # deployment.md's Node.js run: tests/test_node.py runs it
+                continue
+            assert args[0] == "lrp-onnx", f"{page.name}: cannot run {command}"
+            done = subprocess.run([sys.executable, "-m", "lrp_onnx.cli", *args[1:]],
+                                  cwd=tmp_path, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, f"{page.name}: {command}: {done.stderr}"
+            actual = done.stdout.rstrip("\n").split("\n")
+            assert _matches(expected, actual), (
+                f"{page.name}: {command} printed:\n{done.stdout}\nthe page shows:\n"
+                + "\n".join(expected))
