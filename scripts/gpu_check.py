@@ -73,6 +73,63 @@ def cpu_session(path: Path) -> Any:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def runtime_checks(dev: str) -> list[dict[str, Any]]:
+    """What users touch on the GPU: ``LRP.analyze`` (IO binding) and ``lrp-onnx explain``
+    pick the CUDA EP and agree with a strict CUDA session; per-layer outputs stay on the GPU;
+    ``check_model`` passes on the CUDA EP."""
+    import subprocess
+
+    import lrp_onnx as L
+    from lrp_onnx.check import check_model
+
+    rows: list[dict[str, Any]] = []
+    models = ROOT / "models"
+    cases = [("digits", models / "digits_cnn.onnx", models / "digits_samples.npy",
+              L.EpsilonPlus()),
+             ("seed", models / "seed_vgg.onnx", models / "seed_vgg_input.npy",
+              L.EpsilonPlusFlat())]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for name, src, inputs, comp in cases:
+            row: dict[str, Any] = {"runtime": name}
+            try:
+                x = np.load(inputs)
+                x = x if x.ndim == 4 else x[None]
+                analyzer = L.LRP(src, comp, per_layer=True)
+                path = folder / f"{name}.lrp.onnx"
+                analyzer.save(path)
+                expl = analyzer.analyze(x, device="auto")
+                row["analyze_provider"] = expl.provider
+                sess = strict_cuda_session(path) if dev == "cuda" else cpu_session(path)
+                row["per_layer_all_nodes_on_cuda"] = dev == "cuda"
+                names = [o.name for o in sess.get_outputs()]
+                outs = dict(zip(names, sess.run(None, {"input": x, "target": np.full(
+                    len(x), -1, np.int64)})))
+                diff = np.abs(outs["relevance"] - expl.relevance).max()
+                row["analyze_vs_strict_max_abs_over_max"] = float(
+                    diff / np.abs(outs["relevance"]).max())
+                out_dir = folder / f"{name}_out"
+                done = subprocess.run(
+                    [sys.executable, "-m", "lrp_onnx.cli", "explain", str(path), str(inputs),
+                     "--out", str(out_dir), "--device", dev], capture_output=True, text=True,
+                    timeout=300)
+                row["explain_rc"] = done.returncode
+                row["explain_provider_line"] = next(
+                    (ln for ln in done.stdout.splitlines() if ln.startswith("execution")),
+                    done.stderr.strip()[-500:])
+                row["explain_pngs"] = len(list(out_dir.glob("*.png")))
+                report = check_model(src, comp, device=dev)
+                row["check_ok"] = report.ok
+                row["check_provider"] = report.provider
+                row["check_results"] = [(r.name, r.ok) for r in report.results]
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:2000]}"
+                row["traceback"] = traceback.format_exc()[-3000:]
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".")
@@ -151,10 +208,11 @@ def main() -> int:
                         row["placement_log"] = placement_log(path)
                 results.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
+    runtime = runtime_checks(dev)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "gpu_check.json").write_text(json.dumps({"machine": info, "rows": results},
-                                                       indent=2))
+    (out_dir / "gpu_check.json").write_text(json.dumps({"machine": info, "rows": results,
+                                                        "runtime": runtime}, indent=2))
     if args.bench:
         bench.main(["--models", args.bench_models, "--batches", args.bench_batches,
                     "--devices", dev, "--repeat", "20", "--json",
