@@ -7,6 +7,7 @@ lazy, so a 500 MB model is not copied into numpy until a weight is really read.
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -242,9 +243,23 @@ class Graph:
             where = f" at node {node_label(node.name, node.op)}" if node is not None else ""
             raise UnsupportedModel(
                 f"{self.label}: shape of '{t.name}' is unknown{where}; shape inference could "
-                "not derive it"
+                f"not derive it{self._shape_inference_reason()}"
             )
         return [d if isinstance(d, int) and d >= 0 else None for d in t.shape]
+
+    def _shape_inference_reason(self) -> str:
+        """The first error strict shape inference reports on the model (error path only)."""
+        from .load import _skeleton
+
+        try:
+            onnx.shape_inference.infer_shapes(_skeleton(self.proto), strict_mode=True)
+        except Exception as exc:  # noqa: BLE001 - onnx raises several types with long texts
+            errors = re.findall(r"\((op_type:[^)]*)\): (\[\w+\] [^\n]*)", str(exc))
+            first = [e for e in errors if "expected to have type but instead is null" not in e[1]]
+            if first or errors:
+                where, what = (first or errors)[0]
+                return f" (first error: {where}: {what})"
+        return ""
 
     def sample_shape(self, t: gs.Tensor, node: gs.Node) -> list[int]:
         """Shape of ``t`` without its batch dim; raises when any of those dims is dynamic."""

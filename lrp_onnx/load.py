@@ -199,6 +199,103 @@ def read_model(fh: BinaryIO) -> onnx.ModelProto:
     return model
 
 
+#: Op domains the compiler reads (the ONNX standard ops).
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _node_ref(node: onnx.NodeProto) -> str:
+    return f"'{node.name}' ({node.op_type})" if node.name else f"a {node.op_type} node"
+
+
+def check_structure(proto: onnx.ModelProto, label: str) -> None:
+    """Inputs, outputs, undefined values, cycles and op domains, with one-line errors; a graph
+    whose nodes are acyclic but out of order is sorted (the private copy)."""
+    graph = proto.graph
+    inits = {t.name for t in graph.initializer}
+    if not [i for i in graph.input if i.name not in inits]:
+        raise ModelLoadError(f"{label}: the graph has no inputs")
+    if len(graph.output) == 0:
+        raise ModelLoadError(f"{label}: the graph has no outputs")
+    foreign = [n for n in graph.node if n.domain not in STANDARD_DOMAINS]
+    if foreign:
+        listed = ", ".join(f"{_node_ref(n)} from domain '{n.domain}'" for n in foreign[:5])
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise ModelLoadError(f"{label}: ops outside the ONNX standard domain are not supported: "
+                             f"{listed}{more}")
+    producer: dict[str, int] = {}
+    for k, node in enumerate(graph.node):
+        for out in node.output:
+            if out:
+                producer[out] = k
+    available = {i.name for i in graph.input} | inits
+    for node in graph.node:
+        for name in node.input:
+            if name and name not in available and name not in producer:
+                raise ModelLoadError(
+                    f"{label}: node {_node_ref(node)} reads '{name}', which no node, graph "
+                    "input or initializer defines (a dangling name or a missing initializer)")
+    for out in graph.output:
+        if out.name not in available and out.name not in producer:
+            raise ModelLoadError(f"{label}: graph output '{out.name}' is not computed by any node")
+    # Kahn's algorithm over node indices: the order, or the nodes left on a cycle.
+    deps = [{producer[i] for i in node.input if i in producer and i not in available}
+            for node in graph.node]
+    users: dict[int, list[int]] = {}
+    for k, d in enumerate(deps):
+        for p in d:
+            users.setdefault(p, []).append(k)
+    missing = [len(d) for d in deps]
+    ready = [k for k, m in enumerate(missing) if m == 0]
+    order: list[int] = []
+    while ready:
+        k = ready.pop()
+        order.append(k)
+        for u in users.get(k, []):
+            missing[u] -= 1
+            if missing[u] == 0:
+                ready.append(u)
+    if len(order) < len(graph.node):
+        stuck = [graph.node[k] for k, m in enumerate(missing) if m > 0]
+        names = ", ".join(_node_ref(n) for n in stuck[:4]) + (" ..." if len(stuck) > 4 else "")
+        raise ModelLoadError(f"{label}: the graph has a cycle through {names}")
+    if any(p > k for k, d in enumerate(deps) for p in d):  # acyclic, but out of order
+        nodes = [graph.node[k] for k in _topological(graph, deps)]
+        copies = [onnx.NodeProto() for _ in nodes]
+        for c, n in zip(copies, nodes):
+            c.CopyFrom(n)
+        del graph.node[:]
+        graph.node.extend(copies)
+
+
+def _topological(graph: onnx.GraphProto, deps: list[set[int]]) -> list[int]:
+    """A topological order that keeps the file's order where it is already valid."""
+    done: set[int] = set()
+    out: list[int] = []
+
+    def visit(k: int) -> None:
+        stack = [(k, iter(sorted(deps[k])))]
+        while stack:
+            node, it = stack[-1]
+            nxt = next((d for d in it if d not in done), None)
+            if nxt is None:
+                stack.pop()
+                if node not in done:
+                    done.add(node)
+                    out.append(node)
+            else:
+                stack.append((nxt, iter(sorted(deps[nxt]))))
+
+    for k in range(len(graph.node)):
+        if k not in done:
+            visit(k)
+    return out
+
+
 def validate(proto: onnx.ModelProto, label: str) -> None:
     """Structural checks with one-line errors (``onnx.checker`` plus what the compiler needs)."""
     if len(proto.graph.node) == 0:
@@ -209,11 +306,12 @@ def validate(proto: onnx.ModelProto, label: str) -> None:
             f"{label}: default-domain opset {opset} is below {MIN_OPSET}; "
             "re-export with opset_version>=13 (17 recommended)"
         )
+    check_structure(proto, label)
     try:
         check_model(proto)
     except (onnx.checker.ValidationError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"{label}: invalid ONNX model: {first}") from None
+        text = str(exc).strip() or type(exc).__name__
+        raise ModelLoadError(f"{label}: invalid ONNX model: {_one_line(text)}") from None
 
 
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,

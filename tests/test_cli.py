@@ -354,7 +354,8 @@ def test_explain_images_folder(tmp_path: Path, compiled_seed: Path,
     for i, stem in enumerate("abc"):
         np.testing.assert_allclose(np.load(out / f"{stem}.relevance.npy")[0], ref[i],
                                    rtol=1e-5, atol=1e-8)
-        assert np.asarray(Image.open(out / f"{stem}.overlay.png")).shape == (32, 32, 3)
+        # 32 x 32 pixels, drawn 4x (the default scale makes the longer side >= 128)
+        assert np.asarray(Image.open(out / f"{stem}.overlay.png")).shape == (128, 128, 3)
 
 
 def test_explain_options_override_preprocess_file(tmp_path: Path, compiled_digits: Path,

@@ -1,0 +1,225 @@
+"""Malformed models (one-line typed errors, from the API and the CLI, no output file) and
+numerical edge cases (no NaN/Inf in relevance; NaN input gives NaN for that sample only)."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from conftest import MODELS
+from lrp_onnx import (
+    LRP,
+    Composite,
+    EpsilonAlpha2Beta1,
+    EpsilonGammaBox,
+    EpsilonPlusFlat,
+    ZeroRule,
+)
+from lrp_onnx.cli import main
+from lrp_onnx.errors import LRPError, ModelLoadError, UnsupportedModel
+from lrp_onnx.testing import Net
+
+SEED = MODELS / "seed_vgg.onnx"
+
+
+# -- malformed models -------------------------------------------------------------------------
+def _dangling(m: onnx.ModelProto) -> None:
+    m.graph.node[1].input[0] = "nowhere"
+
+
+def _cycle(m: onnx.ModelProto) -> None:
+    m.graph.node[0].input[0] = m.graph.node[1].output[0]
+
+
+def _missing_initializer(m: onnx.ModelProto) -> None:
+    name = m.graph.node[0].input[1]
+    keep = [t for t in m.graph.initializer if t.name != name]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep)
+
+
+def _unknown_domain(m: onnx.ModelProto) -> None:
+    m.graph.node[3].domain = "com.example"
+    m.opset_import.append(helper.make_opsetid("com.example", 1))
+
+
+def _unknown_op(m: onnx.ModelProto) -> None:
+    m.graph.node[3].op_type = "FancyOp"
+
+
+def _input_type(elem: int) -> Callable[[onnx.ModelProto], None]:
+    def edit(m: onnx.ModelProto) -> None:
+        m.graph.input[0].type.tensor_type.elem_type = elem
+    return edit
+
+
+def _no_batch(m: onnx.ModelProto) -> None:
+    del m.graph.input[0].type.tensor_type.shape.dim[0]
+
+
+def _dynamic_spatial(m: onnx.ModelProto) -> None:
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "H", "W"
+
+
+def _empty_graph(m: onnx.ModelProto) -> None:
+    del m.graph.node[:]
+
+
+def _opset_12(m: onnx.ModelProto) -> None:
+    m.opset_import[0].version = 12
+
+
+def _no_outputs(m: onnx.ModelProto) -> None:
+    del m.graph.output[:]
+
+
+def _no_inputs(m: onnx.ModelProto) -> None:
+    del m.graph.input[:]
+
+
+MALFORMED: dict[str, tuple[Callable[[onnx.ModelProto], None], type[LRPError], str]] = {
+    "dangling": (_dangling, ModelLoadError,
+                 r"node '/0/0.1/Relu' \(Relu\) reads 'nowhere', which no node"),
+    "cycle": (_cycle, ModelLoadError, r"the graph has a cycle through '/0/0.0/Conv' \(Conv\)"),
+    "missing_initializer": (_missing_initializer, ModelLoadError,
+                            r"reads '0.0.weight', which no node, graph input or initializer"),
+    "unknown_domain": (_unknown_domain, ModelLoadError,
+                       r"outside the ONNX standard domain.*from domain 'com.example'"),
+    "unknown_op": (_unknown_op, ModelLoadError, r"No Op registered for FancyOp"),
+    "int64_input": (_input_type(TensorProto.INT64), UnsupportedModel,
+                    r"no floating-point model input"),
+    "bool_input": (_input_type(TensorProto.BOOL), UnsupportedModel,
+                   r"no floating-point model input"),
+    "no_batch_dim": (_no_batch, UnsupportedModel,
+                     r"could not derive it \(first error: op_type:Conv, node name: /0/0.0/Conv"),
+    "dynamic_spatial": (_dynamic_spatial, UnsupportedModel, r"dynamic non-batch dimensions"),
+    "empty_graph": (_empty_graph, ModelLoadError, r"the graph has no nodes"),
+    "opset_12": (_opset_12, ModelLoadError, r"opset 12 is below 13"),
+    "no_outputs": (_no_outputs, ModelLoadError, r"the graph has no outputs"),
+    "no_inputs": (_no_inputs, ModelLoadError, r"the graph has no inputs"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_model_is_a_typed_one_line_error(case: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    edit, error, message = MALFORMED[case]
+    model = onnx.load(SEED)
+    edit(model)
+    path = tmp_path / f"{case}.onnx"
+    onnx.save(model, path)
+    before = path.read_bytes()
+    with pytest.raises(error, match=message) as info:
+        LRP(path, EpsilonPlusFlat())
+    text = str(info.value)
+    assert "\n" not in text and text.startswith(f"{path}: ")
+    out = tmp_path / "out.onnx"
+    assert main(["convert", str(path), str(out), "--composite", "EpsilonPlusFlat"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lrp-onnx: error: ") and str(path) in err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert path.read_bytes() == before  # the input is never modified
+
+
+def test_malformed_model_through_the_installed_cli_has_no_traceback(tmp_path: Path) -> None:
+    model = onnx.load(SEED)
+    _cycle(model)
+    path = tmp_path / "cycle.onnx"
+    onnx.save(model, path)
+    done = subprocess.run([sys.executable, "-m", "lrp_onnx.cli", "check", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and "cycle through" in done.stderr
+
+
+def test_out_of_order_nodes_are_sorted() -> None:
+    model = onnx.load(SEED)
+    nodes = list(model.graph.node)[::-1]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    x = np.load(MODELS / "seed_vgg_input.npy")[None]
+    got = LRP(model, EpsilonPlusFlat()).analyze(x, device="cpu").relevance
+    want = LRP(SEED, EpsilonPlusFlat()).analyze(x, device="cpu").relevance
+    np.testing.assert_array_equal(got, want)
+    assert list(model.graph.node) == nodes  # the caller's model is not touched
+
+
+# -- numerical edge cases ---------------------------------------------------------------------
+COMPOSITES: dict[str, Any] = {
+    "ZeroRule": None, "EpsilonPlusFlat": EpsilonPlusFlat(),
+    "EpsilonGammaBox": EpsilonGammaBox(-3.0, 3.0), "EpsilonAlpha2Beta1": EpsilonAlpha2Beta1(),
+}
+
+
+def _edge_inputs(x: np.ndarray) -> dict[str, np.ndarray]:
+    return {"all_zero": np.zeros_like(x), "constant": np.full_like(x, 0.7),
+            "negative_constant": np.full_like(x, -2.0), "large": x * 1e6, "huge": x * 1e30,
+            "tiny": x * 1e-30, "float32_max": np.full_like(x, 3e38)}
+
+
+@pytest.mark.parametrize("composite", sorted(COMPOSITES))
+def test_edge_inputs_give_finite_relevance(composite: str) -> None:
+    analyzer = LRP(SEED, COMPOSITES[composite])
+    x = np.load(MODELS / "seed_vgg_input.npy")[None]
+    for name, value in _edge_inputs(x).items():
+        expl = analyzer.analyze(value.astype(np.float32), device="cpu")
+        assert np.isfinite(expl.relevance).all(), f"{composite} {name}"
+
+
+def test_layer_with_all_zero_outputs_gives_finite_relevance(rng: np.random.Generator) -> None:
+    """A Conv whose weights are all zero: every later pre-activation is 0 (stab(0) = eps)."""
+    net = Net(rng, (3, 6, 6))
+    w = net.const("dead/W", np.zeros((4, 3, 3, 3)))
+    y = net.node("Relu", [net.node("Conv", [net.x, w], "dead/conv", pads=[1, 1, 1, 1])],
+                 "dead/relu")
+    net.head(y, classes=3, bias=None)
+    x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    for composite in (Composite(ZeroRule()), EpsilonPlusFlat(), EpsilonGammaBox(-3.0, 3.0)):
+        rel = LRP(net.model(), composite).analyze(x, device="cpu").relevance
+        assert np.isfinite(rel).all() and not rel.any(), composite
+
+
+def test_nan_input_gives_nan_for_that_sample_only() -> None:
+    """Documented (docs/api.md): a NaN anywhere in a sample makes that sample's output and
+    relevance NaN (convolutions spread it); other samples of the batch are unaffected."""
+    x = np.load(MODELS / "seed_vgg_input.npy")[None]
+    batch = np.concatenate([x, x])
+    batch[0, 0, 0, 0] = np.nan
+    analyzer = LRP(SEED, EpsilonPlusFlat())
+    expl = analyzer.analyze(batch, [5, 5], device="cpu")
+    clean = analyzer.analyze(x, [5], device="cpu")
+    assert np.isnan(expl.relevance[0]).all() and np.isnan(expl.output[0]).all()
+    np.testing.assert_array_equal(expl.relevance[1], clean.relevance[0])
+
+
+def test_explain_refuses_nan_relevance_without_writing(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    compiled = tmp_path / "seed.lrp.onnx"
+    LRP(SEED, EpsilonPlusFlat()).save(compiled)
+    x = np.load(MODELS / "seed_vgg_input.npy")
+    x[0, 0, 0] = np.nan
+    np.save(tmp_path / "nan.npy", x)
+    out = tmp_path / "out"
+    assert main(["explain", str(compiled), str(tmp_path / "nan.npy"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nan.npy" in err
+    assert not list(out.glob("nan*")) if out.exists() else True
+
+
+def test_caller_model_is_deep_equal_after_failure() -> None:
+    model = onnx.load(SEED)
+    _cycle(model)
+    snapshot = copy.deepcopy(model)
+    with pytest.raises(ModelLoadError):
+        LRP(model, EpsilonPlusFlat())
+    assert model == snapshot
