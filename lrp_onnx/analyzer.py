@@ -34,6 +34,7 @@ class Prepared:
     tree: Node
     indices: dict[int, tuple[int, ...]]
     meta: onnx.ModelProto
+    external_data: bool = False
 
     def infos(self) -> list[Any]:
         return layer_infos(self.layers, self.indices, self.graph.data_input.name,
@@ -56,14 +57,16 @@ def prepare(model: Any, output: str | None = None, opset: int | None = None) -> 
     flat = isinstance(model, FlatModel)
     if flat:
         model = model.source
-    proto, label = load_model(model)
+    info: dict[str, Any] = {}
+    proto, label = load_model(model, info)
     proto = run_passes(proto, label, opset=opset)
     meta = _meta_only(proto)
     graph = Graph(proto, label, output)
     del proto
     layers = build_layers(graph)
     tree = Node("chain", list(layers)) if flat else build_tree(layers)
-    return Prepared(label, graph, layers, tree, nested_indices(tree), meta)
+    return Prepared(label, graph, layers, tree, nested_indices(tree), meta,
+                    bool(info.get("external_data")))
 
 
 def assign_rules(prep: Prepared, rules: Any, flatten: bool = True) -> list[Rule]:
@@ -189,12 +192,32 @@ def _shell(msg: Any, skip: str) -> Any:
     return shell
 
 
-def write_model(model: onnx.ModelProto, fh: Any) -> None:
+#: Above this many bytes of weights a compiled model is saved with external data
+#: (protobuf cannot parse a file over 2 GiB).
+EXTERNAL_DATA_ABOVE = 2**31 - 2**26
+#: Initializers at least this large go to the external data file.
+EXTERNAL_MIN_BYTES = 1024
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the float initializers stored raw (from their shapes: no data is copied)."""
+    total = 0
+    for t in model.graph.initializer:
+        if t.data_type in _RAW_ITEMSIZE:
+            total += int(np.prod(t.dims, dtype=np.int64)) * _RAW_ITEMSIZE[t.data_type]
+    return total
+
+
+def write_model(model: onnx.ModelProto, fh: Any, external: tuple[Any, str] | None = None) -> None:
     """Serialize ``model`` to the binary file ``fh`` one initializer at a time.
 
     The bytes are exactly those of a protobuf serialization with the graph's initializers last
     (field order is free in the wire format), but no serialized copy of the whole model is
     ever held in memory: saving VGG16 peaks at the model plus its largest tensor.
+
+    ``external=(data_fh, location)`` writes every raw float initializer of at least
+    ``EXTERNAL_MIN_BYTES`` to ``data_fh`` instead (ONNX external data, ``location`` relative to
+    the model's folder); ``model`` itself is not modified.
     """
     graph_no, init_no = (onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number,
                          onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number)
@@ -206,10 +229,21 @@ def write_model(model: onnx.ModelProto, fh: Any) -> None:
     # ``ByteSize()`` and ``raw_data`` each copy the tensor.
     parts: list[tuple[Any, int]] = []
     sizes = []
+    offset = 0
     for t in graph.initializer:
         if t.HasField("raw_data") and t.data_type in _RAW_ITEMSIZE:
             shell = _shell(t, "raw_data")
             n_raw = int(np.prod(t.dims, dtype=np.int64)) * _RAW_ITEMSIZE[t.data_type]
+            if external is not None and n_raw >= EXTERNAL_MIN_BYTES:
+                shell.data_location = onnx.TensorProto.EXTERNAL
+                for key, value in (("location", external[1]), ("offset", str(offset)),
+                                   ("length", str(n_raw))):
+                    entry = shell.external_data.add()
+                    entry.key, entry.value = key, value
+                offset += n_raw
+                parts.append((shell, -n_raw))  # negative: the bytes go to the data file
+                sizes.append(shell.ByteSize())
+                continue
             parts.append((shell, n_raw))
             sizes.append(shell.ByteSize() + len(raw_key) + len(_varint(n_raw)) + n_raw)
         else:
@@ -226,25 +260,50 @@ def write_model(model: onnx.ModelProto, fh: Any) -> None:
             fh.write(t.SerializeToString())
             continue
         raw = t.raw_data
-        if len(raw) != n_raw:
+        if len(raw) != abs(n_raw):
             raise ValueError(f"initializer '{t.name}' holds {len(raw)} bytes, its shape needs "
-                             f"{n_raw}")
+                             f"{abs(n_raw)}")
         fh.write(shell.SerializeToString())
-        fh.write(raw_key + _varint(n_raw))
-        fh.write(raw)
+        if n_raw < 0 and external is not None:
+            external[0].write(raw)
+        else:
+            fh.write(raw_key + _varint(n_raw))
+            fh.write(raw)
         del raw
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
-    """Write ``model`` atomically: a temporary file in the same folder, then a rename."""
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str],
+               external_data: bool | None = None) -> None:
+    """Write ``model`` atomically: temporary files in the same folder, then renames.
+
+    ``external_data``: ``True`` writes the weights to ``<name>.data`` beside the model (ONNX
+    external data), ``False`` into the one file, ``None`` (default) external when the weights
+    exceed ``EXTERNAL_DATA_ABOVE`` (a protobuf file cannot exceed 2 GiB).
+    """
     dest = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent or ".")
+    folder = dest.parent if str(dest.parent) else Path(".")
+    if external_data is None:
+        external_data = weight_bytes(model) > EXTERNAL_DATA_ABOVE
+    temps: list[str] = []
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=folder)
+        temps.append(tmp)
+        data_dest = dest.with_name(dest.name + ".data")
         with os.fdopen(fd, "wb") as fh:
-            write_model(model, fh)
+            if external_data:
+                dfd, dtmp = tempfile.mkstemp(prefix=f".{data_dest.name}.", suffix=".tmp",
+                                             dir=folder)
+                temps.append(dtmp)
+                with os.fdopen(dfd, "wb") as dfh:
+                    write_model(model, fh, (dfh, data_dest.name))
+            else:
+                write_model(model, fh)
+        if external_data:
+            os.replace(temps[1], data_dest)
         os.replace(tmp, dest)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for t in temps:
+            Path(t).unlink(missing_ok=True)
         raise
 
 
@@ -291,6 +350,8 @@ class LRP:
         self.input_name = prep.graph.data_input.name
         self.output_name = prep.graph.explained.name
         self.num_classes = int(prep.graph.shape(prep.graph.logits)[-1] or 0)
+        #: The source file kept its weights as external data (so does ``save``).
+        self.external_data = prep.external_data
         self.model: onnx.ModelProto = compile_layers(
             prep.graph, prep.layers, self.rules,
             normalize_output_relevance=normalize_output_relevance, model_meta=prep.meta,
@@ -315,9 +376,13 @@ class LRP:
         lines.append(")")
         return "\n".join(lines)
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the compiled model to ``path`` (atomically)."""
-        save_model(self.model, path)
+    def save(self, path: str | os.PathLike[str], external_data: bool | None = None) -> None:
+        """Write the compiled model to ``path`` (atomically). ``external_data``: ``None``
+        (default) keeps the weights external (``<name>.data`` beside the model) when the source
+        model had them external or when they exceed 2 GiB; ``True``/``False`` force it."""
+        if external_data is None and self.external_data:
+            external_data = True
+        save_model(self.model, path, external_data)
 
     def session(self, device: str = "auto") -> Any:
         """The cached ONNX Runtime session for ``device`` (``"auto"``, ``"cuda"``, ``"cpu"``)."""

@@ -2,7 +2,8 @@
 
 Exit codes: 0 success, 1 the model, rules or input were refused or a check failed (a one-line
 ``error:`` message, no traceback, no partial file), 2 wrong usage (argparse's message).
-Reading and preprocessing ``explain``'s inputs lives in :mod:`lrp_onnx.inputs`.
+Reading and preprocessing ``explain``'s inputs lives in :mod:`lrp_onnx.inputs`, writing its
+outputs in :mod:`lrp_onnx.outputs`.
 """
 
 from __future__ import annotations
@@ -11,20 +12,18 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 
 from .errors import LRPError
+from .outputs import PROGRESS_MIN_SAMPLES, Progress, check_out_dir, save_npy
 
 PROG = "lrp-onnx"
 #: Heatmaps smaller than this (longer side, pixels) are upscaled by an integer factor.
 AUTO_PNG_SIDE = 128
-#: ``explain`` shows its progress bar (on a terminal) from this many samples on.
-PROGRESS_MIN_SAMPLES = 5
 
 
 class CLIError(Exception):
@@ -166,50 +165,6 @@ def _compiled_io(model: Any, label: str) -> tuple[str, str, int]:
     return data[0], out_name, classes
 
 
-class Progress:
-    """``[######------]  40/100 samples`` on stderr.
-
-    On a terminal the bar is redrawn in place (and cleared while a result line is printed on
-    stdout); elsewhere, when forced with ``--progress``, each update is one line.
-    """
-
-    WIDTH = 30
-
-    def __init__(self, total: int, enabled: bool | None, stream: TextIO | None = None) -> None:
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.on = enabled if enabled is not None else (self.tty and
-                                                        total >= PROGRESS_MIN_SAMPLES)
-        self.total, self.done, self.drawn = total, 0, False
-
-    def print(self, line: str) -> None:
-        """Print a result line on stdout without mixing it into the bar."""
-        if self.drawn:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-            self.drawn = False
-        print(line, flush=self.on)
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        if not self.on:
-            return
-        filled = self.WIDTH * self.done // max(self.total, 1)
-        text = f"[{'#' * filled}{'-' * (self.WIDTH - filled)}] {self.done}/{self.total} samples"
-        if self.tty:
-            self.stream.write("\r" + text)
-            self.drawn = True
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.drawn = False
-
-
 def _preprocess(args: argparse.Namespace) -> tuple[Any, str]:
     """The image preprocessing from ``--preprocess FILE`` and the options (which win), and the
     file to name in errors about it (none once an option overrides it)."""
@@ -224,39 +179,6 @@ def _preprocess(args: argparse.Namespace) -> tuple[Any, str]:
                    std=tuple(args.std) if args.std else None)
     given = any(v is not None for v in options.values())
     return pre.updated(**options), (args.preprocess or "") if not given else ""
-
-
-def _check_out_dir(out: Path) -> None:
-    """Refuse an output folder that cannot be written before anything runs (it is created at
-    the first write)."""
-    if out.exists():
-        if not out.is_dir():
-            raise CLIError(f"{out}: exists and is not a folder")
-        try:
-            with tempfile.TemporaryFile(dir=out):
-                pass
-        except OSError as exc:
-            raise CLIError(f"{out}: output folder is not writable ({exc.strerror})") from None
-        return
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise CLIError(f"{out}: cannot create the output folder: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CLIError(f"{out}: cannot create the output folder: {parent} is not writable")
-
-
-def _save_npy(arr: np.ndarray, path: Path) -> None:
-    """``np.save`` atomically: a temporary file in the same folder, then a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, arr)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_sample(out: Path, sample: Any, rel: np.ndarray, x: np.ndarray,
@@ -277,7 +199,7 @@ def _write_sample(out: Path, sample: Any, rel: np.ndarray, x: np.ndarray,
     files = [out / f"{sample.stem}.relevance.npy"] + [p for p, _ in pngs]
     try:
         out.mkdir(parents=True, exist_ok=True)
-        _save_npy(rel[None], files[0])
+        save_npy(rel[None], files[0])
         for path, rgb in pngs:
             scale = args.png_scale or max(1, -(-AUTO_PNG_SIDE // max(rgb.shape[:2])))
             save_png(rgb, path, scale=scale)
@@ -310,7 +232,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if clash:
             raise CLIError(f"{clash[1].path}: would write the same files as {clash[0].path} "
                            f"({out / clash[1].stem}.*); rename one or explain them separately")
-        _check_out_dir(out)
+        check_out_dir(out)
     _quiet_ort(args.device)
     ort_errors = _ort_errors()
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -49,12 +49,21 @@ def _check_external_locations(model: onnx.ModelProto, base: Path, label: str) ->
             )
 
 
-def load_model(model: str | os.PathLike[str] | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    """Whether any tensor of ``model`` refers to an external data file."""
+    return any(external_data_helper.uses_external_data(t)
+               for t in external_data_helper._get_all_tensors(model))
+
+
+def load_model(model: str | os.PathLike[str] | onnx.ModelProto,
+               info: dict[str, Any] | None = None) -> tuple[onnx.ModelProto, str]:
     """Read ``model`` into a private ``ModelProto`` and validate it.
 
     Args:
         model: a path to an ``.onnx`` file (external data is read from beside it) or a
             ``ModelProto`` (copied: the caller's object is never modified).
+        info: if given, ``info["external_data"]`` says whether the file stored its weights
+            as external data.
 
     Returns:
         ``(proto, label)`` where ``label`` names the source in error messages.
@@ -83,6 +92,8 @@ def load_model(model: str | os.PathLike[str] | onnx.ModelProto) -> tuple[onnx.Mo
         if not proto.HasField("graph"):
             raise ModelLoadError(f"{label}: not an ONNX model (no graph)")
         _check_external_locations(proto, path.parent, label)
+        if info is not None:
+            info["external_data"] = uses_external_data(proto)
         try:
             external_data_helper.load_external_data_for_model(proto, str(path.parent))
         except (OSError, ValueError) as exc:

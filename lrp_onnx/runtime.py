@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -59,5 +60,17 @@ def make_session(model: onnx.ModelProto | str | os.PathLike[str], *, device: str
     if strict_device:
         # ORT refuses a session that lists the CPU EP while CPU fallback is disabled.
         provs = [p for p in provs if (p[0] if isinstance(p, tuple) else p) != CPU] or provs
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(source, opts, providers=provs)
+    if isinstance(model, onnx.ModelProto):
+        from .analyzer import EXTERNAL_DATA_ABOVE, save_model, weight_bytes
+
+        if weight_bytes(model) > EXTERNAL_DATA_ABOVE:
+            # Over 2 GiB a model cannot be serialized in one piece: hand ORT a file with
+            # external data, kept for as long as the session lives.
+            folder = tempfile.TemporaryDirectory(prefix="lrp_onnx_")
+            path = Path(folder.name) / "model.onnx"
+            save_model(model, path, external_data=True)
+            session = ort.InferenceSession(str(path), opts, providers=provs)
+            session._lrp_onnx_files = folder  # noqa: SLF001 - lifetime of the external data
+            return session
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=provs)
+    return ort.InferenceSession(str(model), opts, providers=provs)

@@ -385,7 +385,7 @@ def test_explain_progress(tmp_path: Path, compiled_digits: Path,
 def test_progress_bar_on_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
     import io
 
-    from lrp_onnx.cli import Progress
+    from lrp_onnx.outputs import Progress
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
