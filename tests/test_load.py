@@ -26,7 +26,8 @@ def test_external_data_is_read(tmp_path: Path, rng: np.random.Generator) -> None
     np.testing.assert_array_equal(from_ext, plain)
 
 
-@pytest.mark.parametrize("location", ["../outside.data", "/etc/passwd", "missing.data"])
+@pytest.mark.parametrize("location", ["../outside.data", "/etc/passwd", "missing.data",
+                                      "link.data", "sub/../../outside.data"])
 def test_bad_external_locations_are_refused(tmp_path: Path, location: str) -> None:
     model = onnx.load(SEED)
     folder = tmp_path / "m"
@@ -34,6 +35,9 @@ def test_bad_external_locations_are_refused(tmp_path: Path, location: str) -> No
     onnx.save_model(model, folder / "m.onnx", save_as_external_data=True,
                     all_tensors_to_one_file=True, location="w.data", size_threshold=1024)
     (tmp_path / "outside.data").write_bytes((folder / "w.data").read_bytes())
+    (folder / "sub").mkdir()
+    # A link inside the folder that resolves outside it.
+    (folder / "link.data").symlink_to(tmp_path / "outside.data")
     patched = onnx.load(folder / "m.onnx", load_external_data=False)
     for t in patched.graph.initializer:
         for entry in t.external_data:
