@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -15,12 +16,19 @@ import onnx
 from .canonize import run_passes
 from .compiler import PER_LAYER_PREFIX, RELEVANCE, TARGET, compile_layers
 from .composites import Composite, layer_infos
-from .errors import InvalidInput, RuleAssignmentError, UnsupportedModel
+from .errors import (
+    InvalidInput,
+    LRPError,
+    RuleAssignmentError,
+    RuntimeFailure,
+    UnsupportedModel,
+)
 from .graph import Graph
 from .layers import Layer, build_layers
-from .load import load_model
+from .load import load_model, one_line
 from .options import Optimizations
 from .rules import Rule, ZeroRule
+from .runtime import ort_errors
 from .tree import ChainTuple, Node, _RuleTuple, build_tree, nested_indices, zip_rules
 
 
@@ -59,14 +67,28 @@ def prepare(model: Any, output: str | None = None, opset: int | None = None) -> 
         model = model.source
     info: dict[str, Any] = {}
     proto, label = load_model(model, info)
-    proto = run_passes(proto, label, opset=opset)
-    meta = _meta_only(proto)
-    graph = Graph(proto, label, output)
-    del proto
-    layers = build_layers(graph)
-    tree = Node("chain", list(layers)) if flat else build_tree(layers)
+    with labelled(label):
+        proto = run_passes(proto, label, opset=opset)
+        meta = _meta_only(proto)
+        graph = Graph(proto, label, output)
+        del proto
+        layers = build_layers(graph)
+        tree = Node("chain", list(layers)) if flat else build_tree(layers)
     return Prepared(label, graph, layers, tree, nested_indices(tree), meta,
                     bool(info.get("external_data")))
+
+
+@contextlib.contextmanager
+def labelled(label: str) -> Iterator[None]:
+    """Re-raise an :class:`LRPError` whose message does not name the model with its label
+    first (every message names the file)."""
+    try:
+        yield
+    except LRPError as exc:
+        text = str(exc)
+        if text.startswith(f"{label}: ") or text.startswith(f"{label} "):
+            raise
+        raise type(exc)(f"{label}: {text}") from None
 
 
 def assign_rules(prep: Prepared, rules: Any, flatten: bool = True) -> list[Rule]:
@@ -342,6 +364,19 @@ class LRP:
         if isinstance(model, FlatModel):
             flatten = True
         prep = prepare(model, output, opset)
+        self.label = prep.label
+        with labelled(prep.label):
+            try:
+                self._build(prep, rules_or_composite, flatten, normalize_output_relevance,
+                            optimizations, per_layer, _audit)
+            except MemoryError:
+                raise UnsupportedModel(
+                    f"{prep.label}: out of memory while compiling (shapes: input "
+                    f"{prep.graph.data_input.shape})") from None
+
+    def _build(self, prep: Prepared, rules_or_composite: Any, flatten: bool,
+               normalize_output_relevance: bool, optimizations: Optimizations | None,
+               per_layer: bool, _audit: bool) -> None:
         self.rules: list[Rule] = assign_rules(prep, rules_or_composite, flatten)
         self.flatten = flatten
         self.tree = prep.tree
@@ -389,15 +424,21 @@ class LRP:
         from .runtime import make_session
 
         if self._session is None or self._device != device:
-            self._session = make_session(self.model, device=device)
+            try:
+                self._session = make_session(self.model, device=device)
+            except ort_errors() as exc:
+                raise RuntimeFailure(f"{self.label}: ONNX Runtime cannot load the compiled "
+                                     f"model: {one_line(str(exc))}") from None
             self._device = device
         return self._session
 
     def analyze(self, x: np.ndarray, target: int | Sequence[int] | np.ndarray | None = None, *,
                 device: str = "auto") -> Explanation:
         """Explain ``x`` (with batch dimension) for ``target`` (None / -1: the top class)."""
-        return run_compiled(self.session(device), x, target, self.input_name, self.output_name,
-                            self.num_classes)
+        session = self.session(device)
+        with labelled(self.label):
+            return run_compiled(session, x, target, self.input_name, self.output_name,
+                                self.num_classes)
 
 
 def run_compiled(session: Any, x: np.ndarray, target: Any, input_name: str, output_name: str,
@@ -424,7 +465,12 @@ def run_compiled(session: Any, x: np.ndarray, target: Any, input_name: str, outp
     binding.bind_cpu_input(TARGET, t)
     binding.bind_output(output_name)
     binding.bind_output(RELEVANCE)
-    session.run_with_iobinding(binding)
+    failures: tuple[type[BaseException], ...] = (RuntimeError, *ort_errors())
+    try:
+        session.run_with_iobinding(binding)
+    except failures as exc:  # IO binding raises a plain RuntimeError
+        raise RuntimeFailure(f"ONNX Runtime failed to run the model: {one_line(str(exc))}") \
+            from None
     out, rel = binding.copy_outputs_to_cpu()
     logits_like = np.asarray(out)
     chosen = np.where(t < 0, logits_like.reshape(n, -1).argmax(axis=1), t)

@@ -20,6 +20,7 @@ import numpy as np
 
 from .errors import LRPError
 from .outputs import PROGRESS_MIN_SAMPLES, Progress, check_out_dir, save_npy
+from .runtime import ort_errors
 
 PROG = "lrp-onnx"
 #: Heatmaps smaller than this (longer side, pixels) are upscaled by an integer factor.
@@ -39,14 +40,6 @@ def _message(exc: BaseException) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _ort_errors() -> tuple[type[BaseException], ...]:
-    """ONNX Runtime's exception classes (``Fail``, ``InvalidArgument``, ``RuntimeException``...)."""
-    from onnxruntime.capi import onnxruntime_pybind11_state as state
-
-    return tuple(c for c in vars(state).values()
-                 if isinstance(c, type) and issubclass(c, Exception))
 
 
 def _composite(args: argparse.Namespace) -> Any:
@@ -234,10 +227,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
                            f"({out / clash[1].stem}.*); rename one or explain them separately")
         check_out_dir(out)
     _quiet_ort(args.device)
-    ort_errors = _ort_errors()
+    runtime_errors = ort_errors()
     try:
         session = make_session(model, device=args.device)
-    except ort_errors as exc:
+    except runtime_errors as exc:
         raise CLIError(f"{label}: onnxruntime cannot load the model: {_first_line(exc)}"
                        ) from None
     provider = session.get_providers()[0]
@@ -251,7 +244,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             try:
                 expl = run_compiled(session, batch.x, args.target, input_name, output_name,
                                     classes)
-            except ort_errors as exc:
+            except runtime_errors as exc:
                 raise CLIError(f"{label}: onnxruntime failed on {batch.samples[0].label}..."
                                f"{batch.samples[-1].label}: {_first_line(exc)}") from None
             n = len(batch.samples)
@@ -288,7 +281,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         try:
             report = check_model(args.model, _composite(args), samples=args.samples,
                                  seed=args.seed, device=args.device, output=args.output_name)
-        except _ort_errors() as exc:
+        except ort_errors() as exc:
             raise CLIError(f"{args.model}: onnxruntime cannot run the model: "
                            f"{_first_line(exc)}") from None
         _require_cuda(args.device, report.provider)

@@ -16,7 +16,7 @@ from .builder import Builder
 from .errors import UnsupportedModel
 from .graph import Graph
 from .layers import Layer
-from .load import _skeleton, check_model
+from .load import _skeleton, check_model, shape_inference_error
 from .options import Optimizations
 from .registry import resolve_entries
 from .rules import Rule
@@ -202,8 +202,12 @@ def _check(model: onnx.ModelProto, graph: Graph, b: Builder) -> None:
         check_model(model)
     except onnx.checker.ValidationError as exc:  # pragma: no cover - emitter bug
         raise AssertionError(f"compiled model fails onnx.checker: {exc}") from None
-    inferred = onnx.shape_inference.infer_shapes(_skeleton(model), strict_mode=True,
-                                                 data_prop=True)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_skeleton(model), strict_mode=True,
+                                                     data_prop=True)
+    except onnx.shape_inference.InferenceError as exc:
+        _input_at_fault(model, graph)
+        raise AssertionError(f"compiled model fails shape inference: {exc}") from None
     shapes = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
@@ -216,5 +220,42 @@ def _check(model: onnx.ModelProto, graph: Graph, b: Builder) -> None:
             continue
         if len(got) != len(want) or any(g is not None and w is not None and g != w
                                         for g, w in zip(got, want)):
+            _input_at_fault(model, graph)
             raise AssertionError(f"relevance '{rel.name}' has shape {got}, expected {want} "
                                  f"(shape of '{like.name}')")
+
+
+def _input_at_fault(model: onnx.ModelProto, graph: Graph) -> None:
+    """After a failed check of the compiled model: raise a clean error if the input model's own
+    nodes are at fault (it fails strict shape inference, or ONNX Runtime cannot run it on zeros);
+    return if the input is sound (the emitted nodes are wrong: an lrp_onnx bug)."""
+    original = onnx.ModelProto()
+    original.CopyFrom(model)
+    g = original.graph
+    kept = [n for n in g.node if not n.name.startswith("lrp/")]
+    del g.node[:]
+    g.node.extend(kept)
+    outputs = [o for o in g.output
+               if o.name != RELEVANCE and not o.name.startswith((PER_LAYER_PREFIX, AUDIT_PREFIX))]
+    del g.output[:]
+    g.output.extend(outputs)
+    inputs = [i for i in g.input if i.name != TARGET]
+    del g.input[:]
+    g.input.extend(inputs)
+    error = shape_inference_error(original)
+    if error is not None:
+        raise UnsupportedModel(f"{graph.label}: fails ONNX shape inference: {error}")
+    import onnxruntime as ort
+
+    x = graph.data_input
+    shape = [d if isinstance(d, int) and d > 0 else 1 for d in (x.shape or [])]
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4
+        session = ort.InferenceSession(original.SerializeToString(), opts,
+                                       providers=["CPUExecutionProvider"])
+        session.run(None, {x.name: np.zeros(shape, dtype=x.dtype)})
+    except Exception as exc:  # noqa: BLE001 - any failure says the input does not run
+        text = " ".join(str(exc).split())[:300]
+        raise UnsupportedModel(f"{graph.label}: the input model does not run in ONNX Runtime "
+                               f"(its shapes are inconsistent): {text}") from None

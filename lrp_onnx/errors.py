@@ -4,7 +4,17 @@ from __future__ import annotations
 
 
 class LRPError(Exception):
-    """Base class of every error lrp_onnx raises on purpose (the CLI prints these as one line)."""
+    """Base class of every error lrp_onnx raises on purpose (the CLI prints these as one line).
+
+    Control characters in the message (a newline in a corrupt node name, say) are escaped, so
+    the message is always one line.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        text = str(message)
+        if any(ord(c) < 32 or ord(c) == 127 for c in text):
+            text = "".join(c if 32 <= ord(c) != 127 else repr(c)[1:-1] for c in text)
+        super().__init__(text)
 
 
 class ModelLoadError(LRPError):
@@ -17,6 +27,10 @@ class UnsupportedModel(LRPError):
 
 class InvalidInput(LRPError):
     """An input array or target given to a compiled model does not fit it (dtype, shape)."""
+
+
+class RuntimeFailure(LRPError):
+    """ONNX Runtime refused to load or failed to run a compiled model."""
 
 
 class UnsupportedOp(LRPError):

@@ -7,7 +7,6 @@ lazy, so a 500 MB model is not copied into numpy until a weight is really read.
 from __future__ import annotations
 
 import ast
-import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -33,7 +32,10 @@ _NONNEG_PRESERVING = frozenset({
 
 
 def _float_dtype(t: gs.Tensor) -> bool:
-    return t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.floating)
+    try:
+        return t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.floating)
+    except TypeError:  # an ONNX type numpy has no name for (UNDEFINED, STRING, ...)
+        return False
 
 
 def scope_of(node: onnx.NodeProto) -> tuple[str, ...]:
@@ -97,7 +99,11 @@ class Graph:
         self.scopes = {n.name: scope_of(n) for n in model.graph.node}
         self.node_meta = {n.name: list(n.metadata_props) for n in model.graph.node
                           if len(n.metadata_props)}
-        self.gs = gs.import_onnx(model)
+        try:
+            self.gs = gs.import_onnx(model)
+        except (KeyError, ValueError, TypeError, IndexError) as exc:  # e.g. an unknown dtype
+            raise UnsupportedModel(f"{label}: the graph cannot be imported "
+                                   f"({type(exc).__name__}: {exc})") from None
         self.gs.toposort()
         self.tensors: dict[str, gs.Tensor] = self.gs.tensors()
 
@@ -249,17 +255,10 @@ class Graph:
 
     def _shape_inference_reason(self) -> str:
         """The first error strict shape inference reports on the model (error path only)."""
-        from .load import _skeleton
+        from .load import shape_inference_error
 
-        try:
-            onnx.shape_inference.infer_shapes(_skeleton(self.proto), strict_mode=True)
-        except Exception as exc:  # noqa: BLE001 - onnx raises several types with long texts
-            errors = re.findall(r"\((op_type:[^)]*)\): (\[\w+\] [^\n]*)", str(exc))
-            first = [e for e in errors if "expected to have type but instead is null" not in e[1]]
-            if first or errors:
-                where, what = (first or errors)[0]
-                return f" (first error: {where}: {what})"
-        return ""
+        error = shape_inference_error(self.proto)
+        return f" (first error: {error})" if error else ""
 
     def sample_shape(self, t: gs.Tensor, node: gs.Node) -> list[int]:
         """Shape of ``t`` without its batch dim; raises when any of those dims is dynamic."""

@@ -87,7 +87,7 @@ def load_model(model: str | os.PathLike[str] | onnx.ModelProto,
                 proto = read_model(fh)
         except OSError as exc:
             raise ModelLoadError(f"{label}: cannot read file ({exc.strerror})") from None
-        except (DecodeError, RuntimeError, ValueError, EOFError):
+        except (DecodeError, RuntimeError, ValueError, EOFError, MemoryError):
             raise ModelLoadError(f"{label}: not an ONNX model (protobuf parse failed)") from None
         if not proto.HasField("graph"):
             raise ModelLoadError(f"{label}: not an ONNX model (no graph)")
@@ -123,6 +123,11 @@ def _read_varint(fh: BinaryIO) -> int | None:
 
 
 def _read_exact(fh: BinaryIO, n: int) -> bytes:
+    here = fh.tell()
+    end = fh.seek(0, os.SEEK_END)
+    fh.seek(here)
+    if n > end - here:  # a corrupt length: refuse before allocating it
+        raise EOFError("truncated field")
     data = fh.read(n)
     if len(data) != n:
         raise EOFError("truncated field")
@@ -210,11 +215,14 @@ def read_model(fh: BinaryIO) -> onnx.ModelProto:
     return model
 
 
+#: Largest input sample (elements, batch dimension excluded) a model may declare.
+MAX_SAMPLE_ELEMENTS = 2**31
 #: Op domains the compiler reads (the ONNX standard ops).
 STANDARD_DOMAINS = ("", "ai.onnx")
 
 
-def _one_line(text: str, limit: int = 300) -> str:
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line (whitespace collapsed), at most ``limit`` characters."""
     line = " ".join(text.split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
@@ -232,6 +240,32 @@ def check_structure(proto: onnx.ModelProto, label: str) -> None:
         raise ModelLoadError(f"{label}: the graph has no inputs")
     if len(graph.output) == 0:
         raise ModelLoadError(f"{label}: the graph has no outputs")
+    try:
+        names = [n.name for n in graph.node] + [n.op_type for n in graph.node] + [
+            v for n in graph.node for v in (*n.input, *n.output)] + [
+            v.name for v in (*graph.input, *graph.output, *graph.initializer)] + [
+            proto.producer_name, proto.producer_version, proto.domain, proto.doc_string,
+            graph.name, graph.doc_string] + [
+            t for p in proto.metadata_props for t in (p.key, p.value)] + [
+            n.domain for n in graph.node] + [n.doc_string for n in graph.node]
+    except UnicodeDecodeError:
+        names = [b""]
+    if any(not isinstance(v, str) for v in names):
+        raise ModelLoadError(f"{label}: a name or text field is not valid UTF-8")
+    for vi in graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        if any(d.HasField("dim_value") and d.dim_value <= 0 for d in dims):
+            raise ModelLoadError(f"{label}: input '{vi.name}' has a dimension of size 0")
+        sample = 1
+        for d in list(dims)[1:]:
+            sample *= d.dim_value if d.HasField("dim_value") else 1
+        if sample > MAX_SAMPLE_ELEMENTS:
+            raise ModelLoadError(f"{label}: input '{vi.name}' has {sample} elements per sample "
+                                 f"(more than {MAX_SAMPLE_ELEMENTS} is refused)")
+    for n in graph.node:
+        for a in n.attribute:
+            if a.name == "group" and a.type == onnx.AttributeProto.INT and a.i < 1:
+                raise ModelLoadError(f"{label}: node {_node_ref(n)} has group={a.i}")
     foreign = [n for n in graph.node if n.domain not in STANDARD_DOMAINS]
     if foreign:
         listed = ", ".join(f"{_node_ref(n)} from domain '{n.domain}'" for n in foreign[:5])
@@ -272,8 +306,8 @@ def check_structure(proto: onnx.ModelProto, label: str) -> None:
                 ready.append(u)
     if len(order) < len(graph.node):
         stuck = [graph.node[k] for k, m in enumerate(missing) if m > 0]
-        names = ", ".join(_node_ref(n) for n in stuck[:4]) + (" ..." if len(stuck) > 4 else "")
-        raise ModelLoadError(f"{label}: the graph has a cycle through {names}")
+        cycle = ", ".join(_node_ref(n) for n in stuck[:4]) + (" ..." if len(stuck) > 4 else "")
+        raise ModelLoadError(f"{label}: the graph has a cycle through {cycle}")
     if any(p > k for k, d in enumerate(deps) for p in d):  # acyclic, but out of order
         nodes = [graph.node[k] for k in _topological(graph, deps)]
         copies = [onnx.NodeProto() for _ in nodes]
@@ -307,6 +341,23 @@ def _topological(graph: onnx.GraphProto, deps: list[set[int]]) -> list[int]:
     return out
 
 
+def shape_inference_error(model: onnx.ModelProto) -> str | None:
+    """The first error strict ONNX shape inference reports on ``model`` (one line), or None."""
+    import re
+
+    try:
+        onnx.shape_inference.infer_shapes(_skeleton(model), strict_mode=True)
+    except Exception as exc:  # noqa: BLE001 - onnx raises several types with long texts
+        text = str(exc)
+        errors = re.findall(r"\((op_type:[^)]*)\): (\[\w+\] [^\n]*)", text)
+        first = [e for e in errors if "expected to have type but instead is null" not in e[1]]
+        if first or errors:
+            where, what = (first or errors)[0]
+            return one_line(f"{where}: {what}")
+        return one_line(text) or type(exc).__name__
+    return None
+
+
 def validate(proto: onnx.ModelProto, label: str) -> None:
     """Structural checks with one-line errors (``onnx.checker`` plus what the compiler needs)."""
     if len(proto.graph.node) == 0:
@@ -322,7 +373,7 @@ def validate(proto: onnx.ModelProto, label: str) -> None:
         check_model(proto)
     except (onnx.checker.ValidationError, ValueError) as exc:
         text = str(exc).strip() or type(exc).__name__
-        raise ModelLoadError(f"{label}: invalid ONNX model: {_one_line(text)}") from None
+        raise ModelLoadError(f"{label}: invalid ONNX model: {one_line(text)}") from None
 
 
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,

@@ -17,6 +17,14 @@ def _gpu_present() -> bool:
     return any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg"))
 
 
+def ort_errors() -> tuple[type[BaseException], ...]:
+    """ONNX Runtime's exception classes (``Fail``, ``InvalidArgument``, ``InvalidGraph`` ...)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return tuple(c for c in vars(state).values()
+                 if isinstance(c, type) and issubclass(c, Exception))
+
+
 def default_providers(device: str = "auto") -> list[Any]:
     """Execution providers for ``device``: ``"auto"`` (CUDA when onnxruntime-gpu and a GPU are
     present, else CPU), ``"cuda"`` or ``"cpu"``."""

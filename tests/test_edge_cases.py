@@ -87,6 +87,16 @@ def _no_inputs(m: onnx.ModelProto) -> None:
     del m.graph.input[:]
 
 
+def _input_dim(k: int, value: int) -> Callable[[onnx.ModelProto], None]:
+    def edit(m: onnx.ModelProto) -> None:
+        m.graph.input[0].type.tensor_type.shape.dim[k].dim_value = value
+    return edit
+
+
+def _group_zero(m: onnx.ModelProto) -> None:
+    next(a for a in m.graph.node[0].attribute if a.name == "group").i = 0
+
+
 MALFORMED: dict[str, tuple[Callable[[onnx.ModelProto], None], type[LRPError], str]] = {
     "dangling": (_dangling, ModelLoadError,
                  r"node '/0/0.1/Relu' \(Relu\) reads 'nowhere', which no node"),
@@ -107,6 +117,9 @@ MALFORMED: dict[str, tuple[Callable[[onnx.ModelProto], None], type[LRPError], st
     "opset_12": (_opset_12, ModelLoadError, r"opset 12 is below 13"),
     "no_outputs": (_no_outputs, ModelLoadError, r"the graph has no outputs"),
     "no_inputs": (_no_inputs, ModelLoadError, r"the graph has no inputs"),
+    "zero_dim": (_input_dim(1, 0), ModelLoadError, r"input 'input' has a dimension of size 0"),
+    "huge_dim": (_input_dim(2, 2**40), ModelLoadError, r"elements per sample \(more than"),
+    "group_zero": (_group_zero, ModelLoadError, r"node '/0/0.0/Conv' \(Conv\) has group=0"),
 }
 
 
@@ -140,6 +153,27 @@ def test_malformed_model_through_the_installed_cli_has_no_traceback(tmp_path: Pa
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert "Traceback" not in done.stderr and "cycle through" in done.stderr
+
+
+def test_onnx_runtime_failure_is_a_typed_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model ONNX Runtime cannot run (simulated: the session's run raises as ORT does)."""
+    from lrp_onnx import RuntimeFailure
+
+    analyzer = LRP(SEED, EpsilonPlusFlat())
+    session = analyzer.session("cpu")
+
+    class Broken:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(session, name)
+
+        def run_with_iobinding(self, *args: Any) -> None:
+            raise RuntimeError("Error in execution: Non-zero status code\nsecond line")
+
+    monkeypatch.setattr(analyzer, "session", lambda device="auto": Broken())
+    x = np.load(MODELS / "seed_vgg_input.npy")[None]
+    with pytest.raises(RuntimeFailure, match=r"seed_vgg.onnx: ONNX Runtime failed to run") as info:
+        analyzer.analyze(x, device="cpu")
+    assert "\n" not in str(info.value)
 
 
 def test_out_of_order_nodes_are_sorted() -> None:
