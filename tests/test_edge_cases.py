@@ -257,3 +257,23 @@ def test_caller_model_is_deep_equal_after_failure() -> None:
     with pytest.raises(ModelLoadError):
         LRP(model, EpsilonPlusFlat())
     assert model == snapshot
+
+
+@pytest.mark.parametrize("options", [["--composite", "EpsilonPlusFlat"],
+                                     ["--composite", "EpsilonGammaBox(low=-3.0, high=3.0)",
+                                      "--per-layer"]])
+def test_output_file_is_byte_identical_across_processes(tmp_path: Path,
+                                                        options: list[str]) -> None:
+    """Same model and options, two processes with different hash seeds: the same bytes."""
+    import os
+
+    files = []
+    for k, hash_seed in enumerate(("1", "12345")):
+        out = tmp_path / f"out{k}.onnx"
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+        done = subprocess.run([sys.executable, "-m", "lrp_onnx.cli", "convert", str(SEED),
+                               str(out), *options], capture_output=True, text=True, env=env,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        files.append(out.read_bytes())
+    assert files[0] == files[1]
