@@ -466,8 +466,12 @@ def run_compiled(session: Any, x: np.ndarray, target: Any, input_name: str, outp
     binding.bind_output(output_name)
     binding.bind_output(RELEVANCE)
     failures: tuple[type[BaseException], ...] = (RuntimeError, *ort_errors())
+    import onnxruntime as ort
+
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # a failed run is raised as one line, not also logged
     try:
-        session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding, quiet)
     except failures as exc:  # IO binding raises a plain RuntimeError
         raise RuntimeFailure(f"ONNX Runtime failed to run the model: {one_line(str(exc))}") \
             from None
