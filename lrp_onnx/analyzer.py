@@ -71,6 +71,7 @@ def prepare(model: Any, output: str | None = None, opset: int | None = None) -> 
         proto = run_passes(proto, label, opset=opset)
         meta = _meta_only(proto)
         graph = Graph(proto, label, output)
+        graph.check_weights()
         del proto
         layers = build_layers(graph)
         tree = Node("chain", list(layers)) if flat else build_tree(layers)

@@ -1,7 +1,8 @@
 """The ``lrp-onnx`` command line: ``convert``, ``show``, ``explain``, ``check``.
 
 Exit codes: 0 success, 1 the model, rules or input were refused or a check failed (a one-line
-``error:`` message, no traceback, no partial file), 2 wrong usage (argparse's message).
+``error:`` message, no traceback, no partial file), 2 wrong usage (argparse's message), 3 an
+internal error (a bug: one line, no traceback, no partial file).
 Reading and preprocessing ``explain``'s inputs lives in :mod:`lrp_onnx.inputs`, writing its
 outputs in :mod:`lrp_onnx.outputs`.
 """
@@ -476,6 +477,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - a bug of ours: one line, not a traceback
+        text = " ".join(str(exc).split())[:300]
+        print(f"{PROG}: internal error: {type(exc).__name__}: {text} (please report this with "
+              f"the model)", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":  # pragma: no cover

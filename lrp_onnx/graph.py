@@ -101,10 +101,11 @@ class Graph:
                           if len(n.metadata_props)}
         try:
             self.gs = gs.import_onnx(model)
-        except (KeyError, ValueError, TypeError, IndexError) as exc:  # e.g. an unknown dtype
+            self.gs.toposort()
+        except (KeyError, ValueError, TypeError, IndexError, RecursionError) as exc:
+            # e.g. an unknown dtype, raw data that does not fit its shape, a subgraph cycle
             raise UnsupportedModel(f"{label}: the graph cannot be imported "
-                                   f"({type(exc).__name__}: {exc})") from None
-        self.gs.toposort()
+                                   f"({type(exc).__name__}: {str(exc)[:200]})") from None
         self.tensors: dict[str, gs.Tensor] = self.gs.tensors()
 
         floats = [t for t in self.gs.inputs if _float_dtype(t)]
@@ -252,6 +253,21 @@ class Graph:
                 f"not derive it{self._shape_inference_reason()}"
             )
         return [d if isinstance(d, int) and d >= 0 else None for d in t.shape]
+
+    def check_weights(self) -> None:
+        """Weights of the linear ops have the rank their op requires (a scalar or vector
+        ``Constant`` as a Conv/Gemm weight is valid protobuf that no emitter can transpose)."""
+        for node in self.gs.nodes:
+            if node.op not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 2:
+                continue
+            w, x = node.inputs[1], node.inputs[0]
+            if not isinstance(w, gs.Constant):
+                continue
+            want = 2 if node.op == "Gemm" else (len(x.shape) if x.shape else None)
+            if want is not None and len(w.shape) != want:
+                raise UnsupportedModel(
+                    f"{self.label}: node {node_label(node.name, node.op)} has a weight of rank "
+                    f"{len(w.shape)} (shape {list(w.shape)}); {node.op} needs rank {want}")
 
     def _shape_inference_reason(self) -> str:
         """The first error strict shape inference reports on the model (error path only)."""

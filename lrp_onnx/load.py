@@ -31,7 +31,8 @@ def _check_external_locations(model: onnx.ModelProto, base: Path, label: str) ->
             continue
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
-        if not location or os.path.isabs(location) or Path(location).drive:
+        if not location or "\x00" in location or os.path.isabs(location) \
+                or Path(location).drive:
             raise ModelLoadError(
                 f"{label}: tensor '{tensor.name}' has external data at an absolute or empty "
                 f"location {location!r}; only paths inside the model's folder are read"
@@ -262,6 +263,26 @@ def check_structure(proto: onnx.ModelProto, label: str) -> None:
         if sample > MAX_SAMPLE_ELEMENTS:
             raise ModelLoadError(f"{label}: input '{vi.name}' has {sample} elements per sample "
                                  f"(more than {MAX_SAMPLE_ELEMENTS} is refused)")
+    for kind, values in (("input", graph.input), ("output", graph.output)):
+        seen: set[str] = set()
+        for v in values:
+            if v.name in seen:
+                raise ModelLoadError(f"{label}: graph {kind} '{v.name}' is listed twice")
+            seen.add(v.name)
+    if proto.functions:
+        raise ModelLoadError(f"{label}: model-local functions are not supported "
+                             f"({', '.join(f.name for f in proto.functions)[:100]})")
+    for t in graph.initializer:
+        if t.HasField("raw_data") and t.data_type in _FLOATS:
+            count = 1
+            for d in t.dims:
+                count *= d
+            if count <= 64:  # larger ones are checked with the checker (check_model)
+                size = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+                if len(t.raw_data) != count * size:
+                    raise ModelLoadError(
+                        f"{label}: initializer '{t.name}' holds {len(t.raw_data)} bytes, its "
+                        f"shape {list(t.dims)} needs {count * size}")
     for n in graph.node:
         for a in n.attribute:
             if a.name == "group" and a.type == onnx.AttributeProto.INT and a.i < 1:

@@ -111,7 +111,8 @@ MALFORMED: dict[str, tuple[Callable[[onnx.ModelProto], None], type[LRPError], st
     "bool_input": (_input_type(TensorProto.BOOL), UnsupportedModel,
                    r"no floating-point model input"),
     "no_batch_dim": (_no_batch, UnsupportedModel,
-                     r"could not derive it \(first error: op_type:Conv, node name: /0/0.0/Conv"),
+                     r"node '/0/0.0/Conv' \(Conv\) has a weight of rank 4 "
+                     r"\(shape \[8, 3, 3, 3\]\); Conv needs rank 3"),
     "dynamic_spatial": (_dynamic_spatial, UnsupportedModel, r"dynamic non-batch dimensions"),
     "empty_graph": (_empty_graph, ModelLoadError, r"the graph has no nodes"),
     "opset_12": (_opset_12, ModelLoadError, r"opset 12 is below 13"),
@@ -277,3 +278,104 @@ def test_output_file_is_byte_identical_across_processes(tmp_path: Path,
         assert done.returncode == 0, done.stderr
         files.append(out.read_bytes())
     assert files[0] == files[1]
+
+
+# -- crashes a second mutation fuzzer found (stacked mutations, new kinds), now clean errors --
+def _tiny() -> onnx.ModelProto:
+    """x[N,1,5,5] -> Conv(2,1,3,3)+b -> Relu -> Flatten -> Gemm(3) -> logits."""
+    rng = np.random.default_rng(0)
+    from onnx import numpy_helper
+
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("W", (2, 1, 3, 3)), ("b", (2,)), ("HW", (3, 18)), ("Hb", (3,)))]
+    nodes = [helper.make_node("Conv", ["x", "W", "b"], ["c"], name="conv", kernel_shape=[3, 3]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Flatten", ["r"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "HW", "Hb"], ["logits"], name="head", transB=1)]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 5, 5])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _nul_location(m: onnx.ModelProto) -> None:
+    t = m.graph.initializer[0]
+    t.ClearField("raw_data")
+    t.data_location = TensorProto.EXTERNAL
+    entry = t.external_data.add()
+    entry.key, entry.value = "location", "a\x00b"
+
+
+def _scalar_gemm_weight(m: onnx.ModelProto) -> None:
+    del m.graph.initializer[2]
+    m.graph.node.insert(0, helper.make_node("Constant", [], ["HW"], value_float=1.0))
+
+
+def _vector_conv_weight(m: onnx.ModelProto) -> None:
+    del m.graph.initializer[0]
+    m.graph.node.insert(0, helper.make_node("Constant", [], ["W"], value_floats=[1.0, 2.0]))
+
+
+def _local_function(m: onnx.ModelProto) -> None:
+    m.functions.append(helper.make_function("custom", "F", ["a"], ["b"],
+                                            [helper.make_node("Relu", ["a"], ["b"])],
+                                            [helper.make_opsetid("", 17)]))
+    m.opset_import.append(helper.make_opsetid("custom", 1))
+
+
+def _raw_too_large(index: int) -> Callable[[onnx.ModelProto], None]:
+    def edit(m: onnx.ModelProto) -> None:
+        m.graph.initializer[index].data_type = TensorProto.FLOAT16  # float32 bytes kept
+    return edit
+
+
+def _output_twice(m: onnx.ModelProto) -> None:
+    m.graph.output.append(m.graph.output[0])
+    m.graph.output[0].type.tensor_type.shape.dim[-1].dim_value = 1000
+
+
+TINY_MALFORMED = {
+    "nul_in_external_location": (_nul_location, r"absolute or empty location 'a\\x00b'"),
+    "scalar_gemm_weight": (_scalar_gemm_weight, r"'head' \(Gemm\) has a weight of rank 0"),
+    "vector_conv_weight": (_vector_conv_weight, r"'conv' \(Conv\) has a weight of rank 1"),
+    "local_function": (_local_function, r"model-local functions are not supported"),
+    "bias_raw_too_large": (_raw_too_large(1), r"initializer 'b' holds 8 bytes"),
+    "weight_raw_too_large": (_raw_too_large(2), r"initializer 'HW' holds 216 bytes"),
+    "output_listed_twice": (_output_twice, r"graph output 'logits' is listed twice"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TINY_MALFORMED))
+def test_fuzzer_found_models_are_clean_errors(case: str, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    edit, message = TINY_MALFORMED[case]
+    model = _tiny()
+    assert LRP(model, EpsilonPlusFlat()).analyze(np.ones((2, 1, 5, 5), np.float32),
+                                                  device="cpu").relevance.shape == (2, 1, 5, 5)
+    edit(model)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(LRPError, match=message) as info:
+        LRP(path, EpsilonPlusFlat())
+    assert "\n" not in str(info.value) and str(info.value).startswith(str(path))
+    out = tmp_path / "out.onnx"
+    assert main(["convert", str(path), str(out)]) == 1
+    assert not out.exists() and capsys.readouterr().err.count("\n") == 1
+
+
+def test_cli_internal_error_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A bug of ours (simulated) still ends in one line and exit status 3, no output file."""
+    from lrp_onnx import analyzer
+
+    def bug(*args: Any, **kwargs: Any) -> None:
+        raise ZeroDivisionError("simulated\nbug")
+
+    monkeypatch.setattr(analyzer, "compile_layers", bug)
+    out = tmp_path / "out.onnx"
+    assert main(["convert", str(SEED), str(out)]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "internal error: ZeroDivisionError" in err
+    assert not out.exists()
