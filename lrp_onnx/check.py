@@ -32,7 +32,14 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .analyzer import LRP
-from .compiler import AUDIT_PREFIX, PER_LAYER_PREFIX, RELEVANCE, TARGET
+from .compiler import (
+    AUDIT_PREFIX,
+    PER_LAYER_PREFIX,
+    RELEVANCE,
+    TARGET,
+    read_record,
+    strip_compiled,
+)
 from .errors import LRPError, UnsupportedModel
 from .layers import Layer
 from .load import _skeleton, load_model
@@ -127,50 +134,11 @@ def conserving(layer: Layer, rule: Rule) -> bool:
     return not _has_bias(layer)
 
 
-def strip_compiled(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The original model inside a compiled one: without ``target``, the relevance outputs and
-    every node only they need (a new ``ModelProto``; ``model`` is not modified)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    g = out.graph
-    keep_out = [o for o in g.output
-                if o.name != RELEVANCE and not o.name.startswith((PER_LAYER_PREFIX,
-                                                                  AUDIT_PREFIX))]
-    del g.output[:]
-    g.output.extend(keep_out)
-    keep_in = [i for i in g.input if i.name != TARGET]
-    del g.input[:]
-    g.input.extend(keep_in)
-    needed = {o.name for o in keep_out}
-    kept = []
-    for node in reversed(g.node):
-        if any(o in needed for o in node.output):
-            kept.append(node)
-            needed.update(i for i in node.input if i)
-            for a in node.attribute:  # subgraphs read outer values
-                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                    needed.update(i for n in sub.node for i in n.input if i)
-    kept.reverse()
-    del g.node[:]
-    g.node.extend(kept)
-    inits = [t for t in g.initializer if t.name in needed]
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    vis = [v for v in g.value_info if v.name in needed]
-    del g.value_info[:]
-    g.value_info.extend(vis)
-    props = [p for p in out.metadata_props if p.key != "lrp_onnx"]
-    del out.metadata_props[:]
-    out.metadata_props.extend(props)
-    return out
-
-
-def _recorded_rules(model: onnx.ModelProto, label: str) -> list[Rule] | None:
-    record = {p.key: p.value for p in model.metadata_props}.get("lrp_onnx")
-    if record is None:
+def _recorded_rules(record: dict[str, Any], label: str) -> list[Rule] | None:
+    if not record:
         return None
     try:
-        layers = json.loads(record)["layers"]
+        layers = record["layers"]
         return [parse_rule(la["rule"]) for la in layers]
     except (ValueError, KeyError, TypeError, LRPError) as exc:
         raise UnsupportedModel(f"{label}: unreadable lrp_onnx metadata ({exc})") from None
@@ -276,9 +244,8 @@ def check_model(model: Any, rules_or_composite: Any = None, *, samples: int = 4,
                                    "are read from the file)")
         product = proto
         original = strip_compiled(proto)
-        rules: Any = _recorded_rules(proto, label)
-        record = json.loads({p.key: p.value for p in proto.metadata_props}.get("lrp_onnx",
-                                                                                 "{}"))
+        record = read_record(proto)
+        rules: Any = _recorded_rules(record, label)
         normalize = bool(record.get("normalize_output_relevance", True))
         output = output or record.get("explained_output")
     else:

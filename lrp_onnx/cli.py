@@ -143,15 +143,14 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 # -- explain -----------------------------------------------------------------------------------
 def _compiled_io(model: Any, label: str) -> tuple[str, str, int]:
-    from .compiler import RELEVANCE, TARGET
+    from .compiler import RELEVANCE, TARGET, read_record
 
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
     if TARGET not in inputs or RELEVANCE not in outputs:
         raise CLIError(f"{label}: not a compiled model (no '{TARGET}' input / '{RELEVANCE}' "
                        f"output); run '{PROG} convert' first")
-    record = {p.key: p.value for p in model.metadata_props}.get("lrp_onnx")
-    info = json.loads(record) if record else {}
+    info = read_record(model)
     data = [n for n in inputs if n != TARGET and n not in {t.name for t in model.graph.initializer}]
     out_name = info.get("explained_output", outputs[0])
     dims = {o.name: o for o in model.graph.output}[out_name].type.tensor_type.shape.dim

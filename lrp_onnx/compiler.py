@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -23,6 +24,8 @@ from .rules import Rule
 
 TARGET = "target"
 RELEVANCE = "relevance"
+#: Metadata key of the compiled model's record (rules, explained output, version).
+RECORD_KEY = "lrp_onnx"
 
 
 def _seed(b: Builder, graph: Graph, target: gs.Variable, normalize: bool) -> gs.Tensor:
@@ -179,7 +182,7 @@ def _export(graph: Graph, meta: onnx.ModelProto | None, layers: Sequence[Layer],
     if meta is not None:
         del model.opset_import[:]
         model.opset_import.extend(meta.opset_import)
-    kept = [p for p in model.metadata_props if p.key != "lrp_onnx"]
+    kept = [p for p in model.metadata_props if p.key != RECORD_KEY]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
     record = {
@@ -191,8 +194,60 @@ def _export(graph: Graph, meta: onnx.ModelProto | None, layers: Sequence[Layer],
                    for la, r in zip(layers, rules)],
     }
     entry = model.metadata_props.add()
-    entry.key, entry.value = "lrp_onnx", json.dumps(record, sort_keys=True)
+    entry.key, entry.value = RECORD_KEY, json.dumps(record, sort_keys=True)
     return model
+
+
+def _is_relevance_output(name: str) -> bool:
+    return name == RELEVANCE or name.startswith((PER_LAYER_PREFIX, AUDIT_PREFIX))
+
+
+def read_record(model: onnx.ModelProto) -> dict[str, Any]:
+    """The ``lrp_onnx`` metadata a compiled model carries (``{}`` if it has none or it is not
+    JSON)."""
+    text = {p.key: p.value for p in model.metadata_props}.get(RECORD_KEY)
+    try:
+        record = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def strip_compiled(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The original model inside a compiled one: without ``target``, the relevance outputs and
+    every node only they need (a new ``ModelProto``; ``model`` is not modified)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    keep_out = [o for o in g.output if not _is_relevance_output(o.name)]
+    del g.output[:]
+    g.output.extend(keep_out)
+    keep_in = [i for i in g.input if i.name != TARGET]
+    del g.input[:]
+    g.input.extend(keep_in)
+    needed = {o.name for o in keep_out}
+    kept = []
+    for node in reversed(g.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+            for a in node.attribute:  # subgraphs read outer values
+                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    needed.update(i for n in sub.node for i in n.input if i)
+    kept.reverse()
+    del g.node[:]
+    g.node.extend(kept)
+    inits = [t for t in g.initializer if t.name in needed]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    vis = [v for v in g.value_info if v.name in needed]
+    del g.value_info[:]
+    g.value_info.extend(vis)
+    props = [p for p in out.metadata_props if p.key != RECORD_KEY]
+    del out.metadata_props[:]
+    out.metadata_props.extend(props)
+    return out
+
 
 
 def _check(model: onnx.ModelProto, graph: Graph, b: Builder) -> None:
@@ -229,14 +284,15 @@ def _input_at_fault(model: onnx.ModelProto, graph: Graph) -> None:
     """After a failed check of the compiled model: raise a clean error if the input model's own
     nodes are at fault (it fails strict shape inference, or ONNX Runtime cannot run it on zeros);
     return if the input is sound (the emitted nodes are wrong: an lrp_onnx bug)."""
+    # Every node of the input, even unused ones (``strip_compiled`` prunes those, and an
+    # unused node can be the one at fault): the emitted nodes are the ``lrp/`` ones.
     original = onnx.ModelProto()
     original.CopyFrom(model)
     g = original.graph
     kept = [n for n in g.node if not n.name.startswith("lrp/")]
     del g.node[:]
     g.node.extend(kept)
-    outputs = [o for o in g.output
-               if o.name != RELEVANCE and not o.name.startswith((PER_LAYER_PREFIX, AUDIT_PREFIX))]
+    outputs = [o for o in g.output if not _is_relevance_output(o.name)]
     del g.output[:]
     g.output.extend(outputs)
     inputs = [i for i in g.input if i.name != TARGET]
