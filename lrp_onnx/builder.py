@@ -36,6 +36,9 @@ class Builder:
         self._scope = ""
         self._cache: dict[Any, gs.Constant] = {}
         self.checks: list[tuple[gs.Tensor, gs.Tensor]] = []
+        #: ``{z: relu(z)}`` for denominators stabilized through their ReLU output
+        #: (:func:`lrp_onnx.vanish.relu_covers`); set by the compiler before emitting.
+        self.relu_covers: dict[str, gs.Tensor] = {}
 
     # -- naming ------------------------------------------------------------------------------
     @contextmanager

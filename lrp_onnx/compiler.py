@@ -21,6 +21,7 @@ from .load import _skeleton, check_model, shape_inference_error
 from .options import Optimizations
 from .registry import resolve_entries
 from .rules import Rule
+from .vanish import relu_covers
 
 TARGET = "target"
 RELEVANCE = "relevance"
@@ -100,6 +101,8 @@ def compile_layers(graph: Graph, layers: Sequence[Layer], rules: Sequence[Rule],
             raise UnsupportedModel(f"{graph.label}: the model already has a value named "
                                    f"'{name}', which the compiled model's contract reserves")
     b = Builder(graph, optimizations)
+    if b.options.relu_denominators:
+        b.relu_covers = relu_covers(graph, layers, rules)
     batch = graph.data_input.shape[0]
     target = gs.Variable(TARGET, dtype=np.int64, shape=[batch])
     graph.gs.inputs.append(target)

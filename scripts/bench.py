@@ -2,14 +2,19 @@
 
     python scripts/bench.py [--models vgg16,resnet50] [--batches 1,8] [--devices cpu,cuda]
                             [--composites zero,epsilon_plus_flat] [--threads 2] [--repeat 10]
-                            [--json out.json] [--smoke]
+                            [--rounds 3] [--json out.json] [--smoke]
 
-For every model x device x batch x composite it reports, as medians of ``--repeat`` runs after
-warm-up: ORT forward ms (the original model), compiled LRP ms (one call: forward + relevance),
-their ratio, Zennit ms for EpsilonPlusFlat (registration done once, outside the timed loop), the
-Zennit / compiled speed-up, the compile time and the compiler's peak RSS (measured in a child
-process) next to the model's size. CUDA timings bind inputs and outputs on the device (IO
-binding), so neither side pays host copies. ``--smoke`` runs the seed model for a few iterations
+For every model x device x batch x composite it reports ORT forward ms (the original model),
+compiled LRP ms (one call: forward + relevance), their ratio, Zennit ms for EpsilonPlusFlat
+(registration done once, outside the timed loop; one forward and one backward per call, the
+target taken from that forward's output), the Zennit / compiled speed-up, the compile time and
+the compiler's peak RSS (measured in a child process) next to the model's size. CUDA timings bind
+inputs and outputs on the device (IO binding), so neither side pays host copies.
+
+Timing runs in ``--rounds`` rounds of adjacent blocks (forward, each compiled model, Zennit;
+each block the median of ``--repeat`` runs after 2 warm-up runs): ratios are taken within a
+round, then the median over rounds is reported, because the shared 2-core machine drifts by up to
+20-40% between blocks a few seconds apart. ``--smoke`` runs the seed model for a few iterations
 (CI uses it; no timing is asserted anywhere).
 """
 
@@ -154,10 +159,11 @@ def zennit_runner(name: str, x: np.ndarray, device: str) -> Any:
     attributor = Gradient(model, composite)
     attributor.__enter__()
 
+    def target(out: Any) -> Any:  # one-hot at the argmax, from the attributor's own forward
+        return torch.nn.functional.one_hot(out.argmax(1), out.shape[1]).to(out.dtype)
+
     def run() -> None:
-        out = model(xt)
-        onehot = torch.nn.functional.one_hot(out.argmax(1), out.shape[1]).to(xt.dtype)
-        attributor(xt, onehot)
+        attributor(xt, target)
         if device == "cuda":
             torch.cuda.synchronize()
 
@@ -193,19 +199,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", default="cpu")
     parser.add_argument("--composites", default=",".join(COMPOSITES))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=10, help="timed runs per block")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of adjacent forward / compiled / Zennit blocks")
     parser.add_argument("--no-zennit", action="store_true")
     parser.add_argument("--json", default=None)
     parser.add_argument("--smoke", action="store_true", help="seed model, batch 1, 2 repeats")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.models, args.batches, args.repeat = "seed", "1", 2
+        args.models, args.batches, args.repeat, args.rounds = "seed", "1", 2, 1
     import torch
 
     torch.set_num_threads(args.threads)
     info = machine()
     print("# " + ", ".join(f"{k}={v}" for k, v in info.items()))
-    print(f"# threads={args.threads} repeat={args.repeat} (medians after 2 warm-up runs)")
+    print(f"# threads={args.threads} repeat={args.repeat} rounds={args.rounds} (ms: median over "
+          "rounds of each block's median after 2 warm-up runs; ratio and speed-up: median over "
+          "rounds of the ratio within a round)")
     rows: list[dict[str, Any]] = []
     header = (f"{'model':<9} {'dev':<4} {'N':>3} {'composite':<18} {'fwd ms':>8} {'lrp ms':>8} "
               f"{'ratio':>6} {'zennit ms':>9} {'speedup':>7} {'compile s':>9} {'RSS/size':>8}")
@@ -225,23 +235,40 @@ def main(argv: list[str] | None = None) -> int:
                 for n in (int(b) for b in args.batches.split(",")):
                     x = np.random.default_rng(0).standard_normal(
                         (n, *MODELS[name][1])).astype(np.float32)
-                    fwd = timed(ort_runner(fwd_sess, x, device, False), args.repeat)
-                    zen = None
-                    if not args.no_zennit:
-                        zen = timed(zennit_runner(name, x, device), max(3, args.repeat // 2))
+                    fwd_run = ort_runner(fwd_sess, x, device, False)
+                    lrp_run = {c: ort_runner(s, x, device, True) for c, s in lrp_sess.items()}
+                    zen_run = None if args.no_zennit else zennit_runner(name, x, device)
+                    # Rounds of adjacent blocks: forward, then each compiled model, then Zennit.
+                    # A ratio is taken within a round (the shared machine's speed drifts between
+                    # rounds by up to 20%), then the median over rounds is reported.
+                    fwds: list[float] = []
+                    lrps: dict[str, list[float]] = {c: [] for c in compiled}
+                    zens: list[float] = []
+                    for _ in range(args.rounds):
+                        fwds.append(timed(fwd_run, args.repeat))
+                        for comp in compiled:
+                            lrps[comp].append(timed(lrp_run[comp], args.repeat))
+                        if zen_run is not None:
+                            zens.append(timed(zen_run, max(3, args.repeat // 2)))
+                    fwd = statistics.median(fwds)
+                    zen = statistics.median(zens) if zens else None
                     for comp, (_, cinfo) in compiled.items():
-                        lrp = timed(ort_runner(lrp_sess[comp], x, device, True), args.repeat)
+                        lrp = statistics.median(lrps[comp])
+                        ratio = statistics.median(t / f for t, f in zip(lrps[comp], fwds))
+                        speedup = statistics.median(z / t for z, t in zip(zens, lrps[comp])) \
+                            if zens else None
                         row = {"model": name, "device": device, "batch": n, "composite": comp,
-                               "forward_ms": fwd, "lrp_ms": lrp, "ratio": lrp / fwd,
-                               "zennit_epsilon_plus_flat_ms": zen,
-                               "zennit_speedup": (zen / lrp) if zen else None,
+                               "forward_ms": fwd, "lrp_ms": lrp, "ratio": ratio,
+                               "zennit_epsilon_plus_flat_ms": zen, "zennit_speedup": speedup,
+                               "rounds": {"forward_ms": fwds, "lrp_ms": lrps[comp],
+                                          "zennit_ms": zens},
                                "compile_s": cinfo["compile_s"],
                                "peak_rss_mb": cinfo["peak_rss_mb"], "model_mb": size_mb}
                         rows.append(row)
                         zs = f"{zen:9.1f}" if zen else f"{'-':>9}"
-                        sp = f"{zen / lrp:7.1f}" if zen and comp != "zero" else f"{'-':>7}"
+                        sp = f"{speedup:7.1f}" if speedup and comp != "zero" else f"{'-':>7}"
                         print(f"{name:<9} {device:<4} {n:>3} {comp:<18} {fwd:8.2f} {lrp:8.2f} "
-                              f"{lrp / fwd:6.2f} {zs} {sp} {cinfo['compile_s']:9.2f} "
+                              f"{ratio:6.2f} {zs} {sp} {cinfo['compile_s']:9.2f} "
                               f"{cinfo['peak_rss_mb'] / size_mb:8.2f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": info, "args": vars(args),

@@ -20,7 +20,8 @@ import lrp_onnx as L
 from conftest import MODELS, ort_session
 from lrp_onnx.testing import IR_VERSION, OPSET
 
-SWITCHES = ("reuse_forward", "sign_analysis", "conv_transpose_as_conv", "modifiers_as_ops")
+SWITCHES = ("reuse_forward", "sign_analysis", "conv_transpose_as_conv", "modifiers_as_ops",
+            "relu_denominators")
 COMPOSITES = {
     "zero": lambda: None,
     "epsilon_plus_flat": L.EpsilonPlusFlat,
@@ -103,6 +104,8 @@ def test_each_switch_keeps_the_relevance(which: str, composite: str,
     # which switches must have had an effect on this model and composite
     # dense layers: Zero/Epsilon; every model has a flipped kernel
     must = {"none", "conv_transpose_as_conv", "reuse_forward", "modifiers_as_ops"}
+    if which == "seed_vgg" or composite == "zero":
+        must.add("relu_denominators")  # Zero/Epsilon layers followed by a Relu
     if composite in ("epsilon_plus_flat", "alpha2beta1_flat"):
         must.add("sign_analysis")  # ZPlus/AlphaBeta after a Relu (RP.jl's GammaRule: no x⁻)
     assert must <= changed, f"switches without effect: {sorted(must - changed)}"
@@ -114,4 +117,92 @@ def test_conv_form_transpose_is_chosen_per_geometry(rng: np.random.Generator) ->
              if n.name.startswith("lrp/conv") and n.name.endswith("/convT")}
     assert kinds == {"conv_dilated": "Conv", "conv_grouped": "Conv",
                      "conv_wide_pad": "ConvTranspose", "conv_stride2": "ConvTranspose",
-                     "conv_1x1": "ConvTranspose"}
+                     "conv_1x1": "Conv"}
+
+
+@pytest.mark.parametrize("composite", sorted(COMPOSITES))
+@pytest.mark.parametrize("which", ["seed_vgg", "geometry"])
+def test_relu_denominators_give_the_same_floats(which: str, composite: str,
+                                                rng: np.random.Generator) -> None:
+    """``relu(z) + eps`` differs from ``z + eps * sign(z)`` only where the numerator is exactly
+    zero, so the relevance is bit-identical, not merely close (ReLU nets have many exact zeros,
+    and these inputs include an all-zero and a negative image)."""
+    if which == "seed_vgg":
+        model: onnx.ModelProto = onnx.load(MODELS / "seed_vgg.onnx")
+        shape: tuple[int, ...] = (3, 32, 32)
+    else:
+        model, shape = _geometry_net(rng), (3, 9, 8)
+    x = rng.uniform(-1, 1, (4, *shape)).astype(np.float32)
+    x[1] = 0.0
+    x[2] = -np.abs(x[2])
+    make = COMPOSITES[composite]
+    on = L.compile(model, make())
+    off = L.compile(model, make(), optimizations=replace(L.Optimizations(),
+                                                         relu_denominators=False))
+    if which == "seed_vgg" or composite == "zero":
+        assert _ops(on) != _ops(off)
+    np.testing.assert_array_equal(_relevance(on, x), _relevance(off, x))
+
+
+def _chain(rng: np.random.Generator, ops: list[str], out_relu: bool = False) -> onnx.ModelProto:
+    """x -> conv "c0" -> Relu "a0" -> then each of ``ops`` on the previous value ("conv": a
+    3x3 conv + Relu; "flat_conv" is the same, meant for a Flat rule; "sigmoid", "maxpool",
+    "twice": the pre-activation of the next conv also feeds an Add) -> GAP -> dense."""
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w0")]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], "conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["a0"], "relu0")]
+    prev = "a0"
+    outputs = []
+    for i, op in enumerate(ops, 1):
+        if op in ("conv", "twice"):
+            inits.append(numpy_helper.from_array(
+                rng.standard_normal((4, 4, 3, 3)).astype(np.float32), f"w{i}"))
+            nodes.append(helper.make_node("Conv", [prev, f"w{i}"], [f"c{i}"], f"conv{i}",
+                                          pads=[1, 1, 1, 1]))
+            nodes.append(helper.make_node("Relu", [f"c{i}"], [f"a{i}"], f"relu{i}"))
+            if op == "twice":
+                nodes.append(helper.make_node("Add", [f"a{i}", f"c{i}"], [f"s{i}"], f"add{i}"))
+                prev = f"s{i}"
+                continue
+        elif op == "sigmoid":
+            nodes.append(helper.make_node("Sigmoid", [prev], [f"a{i}"], f"sigmoid{i}"))
+        elif op == "maxpool":
+            nodes.append(helper.make_node("MaxPool", [prev], [f"a{i}"], f"pool{i}",
+                                          kernel_shape=[2, 2], strides=[2, 2]))
+        prev = f"a{i}"
+    if out_relu:
+        outputs.append(helper.make_tensor_value_info("a0", TensorProto.FLOAT, ["N", 4, 8, 8]))
+    inits.append(numpy_helper.from_array(rng.standard_normal((3, 4)).astype(np.float32), "wd"))
+    nodes += [helper.make_node("GlobalAveragePool", [prev], ["p"], "gap"),
+              helper.make_node("Flatten", ["p"], ["f"], "flatten"),
+              helper.make_node("Gemm", ["f", "wd"], ["logits"], "dense", transB=1)]
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3]), *outputs], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                             ir_version=IR_VERSION)
+
+
+@pytest.mark.parametrize(("ops", "rules", "out_relu", "covered"), [
+    (["conv"], {}, False, {"c0", "c1"}),
+    (["maxpool", "conv"], {}, False, {"c0", "c2"}),  # ZeroRule max pool routes to its winner
+    (["maxpool", "conv"], {"pool1": L.EpsilonRule()}, False, {"c0", "c2"}),
+    (["conv"], {"conv1": L.FlatRule()}, False, {"c1"}),  # Flat's relevance ignores x
+    (["conv"], {"conv1": L.WSquareRule()}, False, {"c1"}),
+    (["maxpool", "conv"], {"conv2": L.FlatRule()}, False, {"c2"}),  # ... also through a pool
+    (["conv"], {"conv1": L.ZPlusRule()}, False, {"c0", "c1"}),
+    (["sigmoid"], {}, False, set()),  # Sigmoid(0) != 0; c0 feeds nothing else but the GAP...
+    (["conv"], {}, True, {"c1"}),  # a0 is also a graph output: its seed-free relevance is not
+    (["twice"], {}, False, {"c0"}),  # c1 feeds the Relu and the Add
+])
+def test_relu_covers_follow_the_readers(ops: list[str], rules: dict[str, L.Rule],
+                                        out_relu: bool, covered: set[str],
+                                        rng: np.random.Generator) -> None:
+    """Which pre-activations get ``relu(z) + eps``: only those whose ReLU output every reader
+    multiplies its relevance by (or routes like its values into such a value)."""
+    from lrp_onnx.analyzer import assign_rules, prepare
+    from lrp_onnx.vanish import relu_covers
+
+    prep = prepare(_chain(rng, ops, out_relu))
+    flat = [rules.get(la.name, L.ZeroRule()) for la in prep.layers]
+    assert set(relu_covers(prep.graph, prep.layers, assign_rules(prep, flat))) == covered

