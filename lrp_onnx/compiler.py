@@ -216,19 +216,24 @@ def read_record(model: onnx.ModelProto) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
+def _drop_contract_io(g: onnx.GraphProto) -> None:
+    """Remove the compiled contract's ``target`` input and relevance outputs from ``g``."""
+    outputs = [o for o in g.output if not _is_relevance_output(o.name)]
+    del g.output[:]
+    g.output.extend(outputs)
+    inputs = [i for i in g.input if i.name != TARGET]
+    del g.input[:]
+    g.input.extend(inputs)
+
+
 def strip_compiled(model: onnx.ModelProto) -> onnx.ModelProto:
     """The original model inside a compiled one: without ``target``, the relevance outputs and
     every node only they need (a new ``ModelProto``; ``model`` is not modified)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
-    keep_out = [o for o in g.output if not _is_relevance_output(o.name)]
-    del g.output[:]
-    g.output.extend(keep_out)
-    keep_in = [i for i in g.input if i.name != TARGET]
-    del g.input[:]
-    g.input.extend(keep_in)
-    needed = {o.name for o in keep_out}
+    _drop_contract_io(g)
+    needed = {o.name for o in g.output}
     kept = []
     for node in reversed(g.node):
         if any(o in needed for o in node.output):
@@ -295,12 +300,7 @@ def _input_at_fault(model: onnx.ModelProto, graph: Graph) -> None:
     kept = [n for n in g.node if not n.name.startswith("lrp/")]
     del g.node[:]
     g.node.extend(kept)
-    outputs = [o for o in g.output if not _is_relevance_output(o.name)]
-    del g.output[:]
-    g.output.extend(outputs)
-    inputs = [i for i in g.input if i.name != TARGET]
-    del g.input[:]
-    g.input.extend(inputs)
+    _drop_contract_io(g)
     error = shape_inference_error(original)
     if error is not None:
         raise UnsupportedModel(f"{graph.label}: fails ONNX shape inference: {error}")

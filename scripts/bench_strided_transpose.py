@@ -11,11 +11,11 @@ the relevance map whose output channels stack the kernel's s x s phases, followe
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from bench import timed
 from onnx import TensorProto, helper, numpy_helper
 
 
@@ -32,17 +32,6 @@ def _session(nodes: list[Any], inits: dict[str, np.ndarray], inp: list[int],
     opts.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), opts,
                                 providers=["CPUExecutionProvider"])
-
-
-def _median_ms(sess: Any, feeds: dict[str, np.ndarray], n: int = 30) -> float:
-    for _ in range(3):
-        sess.run(None, feeds)
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        sess.run(None, feeds)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
 
 
 def polyphase_kernel(w: np.ndarray, s: int, p: int) -> tuple[np.ndarray, int, int]:
@@ -97,7 +86,8 @@ def case(cin: int, cout: int, k: int, s: int, p: int, hin: int, batch: int,
     poly = _session(nodes, inits, shape_in, shape_out, threads)
     ya, yb = conv_t.run(None, {"r": r})[0], poly.run(None, {"r": r})[0]
     err = float(np.abs(ya - yb).max() / np.abs(ya).max())
-    ta, tb = _median_ms(conv_t, {"r": r}), _median_ms(poly, {"r": r})
+    ta = timed(lambda: conv_t.run(None, {"r": r}), 30, warmup=3)
+    tb = timed(lambda: poly.run(None, {"r": r}), 30, warmup=3)
     print(f"{cin}<-{cout} k{k} s{s} p{p} {hin}x{hin} batch {batch}: ConvTranspose {ta:.2f} ms, "
           f"polyphase {tb:.2f} ms, ratio {ta / tb:.2f}, max rel diff {err:.1e}")
 

@@ -23,7 +23,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench import timed  # noqa: E402 (scripts/ is on sys.path when run as a script)
 
 _CONV_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm",
              "FusedMatMul", "NchwcConv")
@@ -46,17 +46,6 @@ def _session(path: str, threads: int, profile_prefix: str | None = None) -> Any:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-
-
-def _median_ms(sess: Any, feeds: dict[str, np.ndarray], runs: int) -> float:
-    for _ in range(2):
-        sess.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, feeds)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         shape[0] = args.batch
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         feeds = {fwd.get_inputs()[0].name: x}
-        fwd_ms = _median_ms(fwd, feeds, args.runs)
+        fwd_ms = timed(lambda: fwd.run(None, feeds), args.runs)
         prof = _session(dest, args.threads, str(Path(tmp) / "profile"))
         lrp_feeds = dict(feeds, target=np.full(args.batch, -1, np.int64))
         for _ in range(3 + args.runs):
