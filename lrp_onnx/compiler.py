@@ -149,10 +149,27 @@ def compile_layers(graph: Graph, layers: Sequence[Layer], rules: Sequence[Rule],
     graph.gs.outputs.append(out)
     for _, value, name, like in sorted(extra, key=lambda e: e[0]):  # stable: first layer first
         _add_output(graph, value, name, like)
+    _drop_unread(graph)
 
     model = _export(graph, model_meta, layers, rules, normalize_output_relevance)
     _check(model, graph, b)
     return model
+
+
+def _drop_unread(graph: Graph) -> None:
+    """Drop emitted nodes whose results nothing reads (a relevance ``x * s`` that a later layer
+    re-derived in another form, see :func:`lrp_onnx.stabilize.divide`); the model's own nodes
+    stay as they are."""
+    outputs = {t.name for t in graph.gs.outputs}
+    kept = []
+    for node in reversed(graph.gs.nodes):  # emission order is topological: readers come later
+        if node.name.startswith("lrp/") and not any(o.outputs or o.name in outputs
+                                                    for o in node.outputs):
+            node.inputs.clear()
+            node.outputs.clear()
+            continue
+        kept.append(node)
+    graph.gs.nodes = kept[::-1]
 
 
 def _export(graph: Graph, meta: onnx.ModelProto | None, layers: Sequence[Layer],

@@ -28,6 +28,11 @@ class Optimizations:
             the forward pass's own ReLU output plus one ``Add``, instead of
             ``z + Where(z >= 0, eps, -eps)``: the same floats wherever the relevance is not
             zero.
+        abs_denominators: a ZeroRule/EpsilonRule denominator ``z`` of unknown sign whose
+            relevance arrives as ``z * t`` (a residual ``Add``'s z-rule gives each summand
+            ``x * s``) is divided as ``(|z| * t) / (|z| + eps)`` instead of
+            ``(z * t) / (z + eps * sign(z))``: the same floats, with one ``Abs`` instead of the
+            four ops of the sign-aware stabilizer.
         modifiers_as_ops: modified weights (``W⁺``, ``W⁻``, ``W²``, ``W + γW⁺``, folded
             BatchNorm, flipped kernels, transposed MatMul weights) are emitted as ops on the
             model's own initializers, which ONNX Runtime folds into constants when it creates
@@ -40,9 +45,10 @@ class Optimizations:
     conv_transpose_as_conv: bool = True
     modifiers_as_ops: bool = True
     relu_denominators: bool = True
+    abs_denominators: bool = True
 
     @classmethod
     def none(cls) -> Optimizations:
         """Every optimization off (the plain, literal graph)."""
         return cls(reuse_forward=False, sign_analysis=False, conv_transpose_as_conv=False,
-                   modifiers_as_ops=False, relu_denominators=False)
+                   modifiers_as_ops=False, relu_denominators=False, abs_denominators=False)

@@ -51,10 +51,34 @@ def divide(b: Builder, r: gs.Tensor, z: gs.Tensor, eps: float, tag: str = "s",
     """``r / stab(z)`` for ``r``, the relevance arriving at ``z`` (or a part of it that is zero
     where it is); ``sign`` as in :func:`stabilize`, else ``+1`` when ``z`` is a forward value the
     graph proves non-negative (with sign analysis on). A ``z`` with a ReLU cover
-    (:func:`lrp_onnx.vanish.relu_covers`) is divided as ``r / (relu(z) + eps)``."""
+    (:func:`lrp_onnx.vanish.relu_covers`) is divided as ``r / (relu(z) + eps)``; an ``r`` that
+    is ``z * t`` (``abs_denominators``) as ``(|z| * t) / (|z| + eps)``."""
     cover = b.relu_covers.get(z.name) if sign is None else None
     if cover is not None:
         return b.op("Div", r, stabilize(b, cover, eps, tag=f"{tag}/stab", sign=1), tag=tag)
     if sign is None and b.options.sign_analysis and b.graph.is_nonneg(z):
         sign = 1
+    t = _factor(r, z) if sign is None and b.options.abs_denominators else None
+    if t is not None:
+        # r = z * t: r / (z + eps*sign(z)) is exactly (|z| * t) / (|z| + eps), since negating
+        # an operand negates a rounded product, sum or quotient; one Abs instead of four ops.
+        az = b.op("Abs", z, tag=f"{tag}/abs")
+        return b.op("Div", b.op("Mul", az, t, tag=f"{tag}/abs_r"),
+                    stabilize(b, az, eps, tag=f"{tag}/stab", sign=1), tag=tag)
     return b.op("Div", r, stabilize(b, z, eps, tag=f"{tag}/stab", sign=sign), tag=tag)
+
+
+def _factor(r: gs.Tensor, z: gs.Tensor) -> gs.Tensor | None:
+    """``t`` when ``r`` is made by ``Mul(z, t)`` or ``Mul(t, z)`` (a z-rule reader's relevance
+    ``x * s`` arriving whole at ``z``, as a residual ``Add``'s does), else ``None``."""
+    if len(r.inputs) != 1:
+        return None
+    node = r.inputs[0]
+    if node.op != "Mul" or len(node.inputs) != 2:
+        return None
+    a, c = node.inputs
+    if a.name == z.name and c.name != z.name:
+        return c
+    if c.name == z.name and a.name != z.name:
+        return a
+    return None

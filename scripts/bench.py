@@ -183,11 +183,11 @@ def machine() -> dict[str, Any]:
             info["gpu"] = torch.cuda.get_device_name(0)
     except ImportError:
         pass
-    try:
-        import zennit
+    try:  # zennit has no __version__: ask the installed distribution
+        from importlib.metadata import PackageNotFoundError, version
 
-        info["zennit"] = getattr(zennit, "__version__", "?")
-    except ImportError:
+        info["zennit"] = version("zennit")
+    except PackageNotFoundError:
         pass
     return info
 

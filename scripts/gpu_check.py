@@ -29,14 +29,12 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def strict_cuda_session(path: Path) -> Any:
-    import onnxruntime as ort
+    """The library's own strict CUDA configuration (``lrp_onnx.runtime.make_session``): CUDA EP
+    only, ``use_tf32=0``, ``session.disable_cpu_ep_fallback=1``; the CPU test of it is
+    ``tests/test_cuda_ep.py``."""
+    from lrp_onnx.runtime import make_session
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    # Listing the CPU EP as well conflicts with disable_cpu_ep_fallback (ORT refuses the session).
-    return ort.InferenceSession(str(path), opts, providers=[
-        ("CUDAExecutionProvider", {"use_tf32": "0"})])
+    return make_session(path, device="cuda", strict_device=True)
 
 
 def placement_log(path: Path) -> list[str]:
@@ -66,11 +64,9 @@ def placement_log(path: Path) -> list[str]:
 
 
 def cpu_session(path: Path) -> Any:
-    import onnxruntime as ort
+    from lrp_onnx.runtime import make_session
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return make_session(path, device="cpu")
 
 
 def runtime_checks(dev: str) -> list[dict[str, Any]]:

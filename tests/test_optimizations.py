@@ -21,7 +21,7 @@ from conftest import MODELS, ort_session
 from lrp_onnx.testing import IR_VERSION, OPSET
 
 SWITCHES = ("reuse_forward", "sign_analysis", "conv_transpose_as_conv", "modifiers_as_ops",
-            "relu_denominators")
+            "relu_denominators", "abs_denominators")
 COMPOSITES = {
     "zero": lambda: None,
     "epsilon_plus_flat": L.EpsilonPlusFlat,
@@ -65,6 +65,47 @@ def _geometry_net(rng: np.random.Generator) -> onnx.ModelProto:
                              ir_version=IR_VERSION)
 
 
+def _residual_net(rng: np.random.Generator) -> onnx.ModelProto:
+    """Two residual blocks (an identity shortcut, then a 1x1 projection), ResNet's pattern: the
+    summands' pre-activations feed only the ``Add`` (denominators of unknown sign)."""
+    def w(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array(
+            (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32), name)
+
+    inits = [w("w0", 4, 3, 3, 3), w("w1", 4, 4, 3, 3), w("w2", 6, 4, 3, 3), w("wp", 6, 4, 1, 1),
+             w("wd", 5, 6), numpy_helper.from_array(rng.uniform(-0.2, 0.2, 4).astype(np.float32),
+                                                    "b4")]
+    p1 = {"pads": [1, 1, 1, 1]}
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b4"], ["c0"], "conv0", **p1),
+        helper.make_node("Relu", ["c0"], ["a0"], "relu0"),
+        helper.make_node("Conv", ["a0", "w1", "b4"], ["c1"], "conv1", **p1),
+        helper.make_node("Add", ["c1", "a0"], ["s1"], "add1"),
+        helper.make_node("Relu", ["s1"], ["a1"], "relu1"),
+        helper.make_node("Conv", ["a1", "w2"], ["c2"], "conv2", strides=[2, 2], **p1),
+        helper.make_node("Conv", ["a1", "wp"], ["cp"], "proj", strides=[2, 2]),
+        helper.make_node("Add", ["c2", "cp"], ["s2"], "add2"),
+        helper.make_node("Relu", ["s2"], ["a2"], "relu2"),
+        helper.make_node("GlobalAveragePool", ["a2"], ["p"], "pool"),
+        helper.make_node("Flatten", ["p"], ["f"], "flatten"),
+        helper.make_node("Gemm", ["f", "wd"], ["logits"], "dense", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                             ir_version=IR_VERSION)
+
+
+def _test_model(which: str, rng: np.random.Generator) -> tuple[onnx.ModelProto,
+                                                               tuple[int, ...]]:
+    if which == "seed_vgg":
+        return onnx.load(MODELS / "seed_vgg.onnx"), (3, 32, 32)
+    if which == "residual":
+        return _residual_net(rng), (3, 8, 8)
+    return _geometry_net(rng), (3, 9, 8)
+
+
 def _relevance(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     session = ort_session(model)
     inp = model.graph.input[0].name
@@ -76,16 +117,13 @@ def _ops(model: onnx.ModelProto) -> list[str]:
 
 
 @pytest.mark.parametrize("composite", sorted(COMPOSITES))
-@pytest.mark.parametrize("which", ["seed_vgg", "geometry"])
+@pytest.mark.parametrize("which", ["seed_vgg", "geometry", "residual"])
 def test_each_switch_keeps_the_relevance(which: str, composite: str,
                                          rng: np.random.Generator) -> None:
+    model, shape = _test_model(which, rng)
+    x = rng.uniform(-1, 1, (4, *shape)).astype(np.float32)
     if which == "seed_vgg":
-        model: onnx.ModelProto = onnx.load(MODELS / "seed_vgg.onnx")
-        x = np.load(MODELS / "seed_vgg_input.npy").astype(np.float32).reshape(1, 3, 32, 32)
-        x = np.concatenate([x, rng.uniform(-1, 1, (3, *x.shape[1:])).astype(np.float32)])
-    else:
-        model = _geometry_net(rng)
-        x = rng.uniform(-1, 1, (4, 3, 9, 8)).astype(np.float32)
+        x[0] = np.load(MODELS / "seed_vgg_input.npy").astype(np.float32).reshape(shape)
     make = COMPOSITES[composite]
     default = L.compile(model, make())
     expected = _relevance(default, x)
@@ -108,6 +146,8 @@ def test_each_switch_keeps_the_relevance(which: str, composite: str,
         must.add("relu_denominators")  # Zero/Epsilon layers followed by a Relu
     if composite in ("epsilon_plus_flat", "alpha2beta1_flat"):
         must.add("sign_analysis")  # ZPlus/AlphaBeta after a Relu (RP.jl's GammaRule: no x⁻)
+    if which == "residual" and composite == "zero":
+        must.add("abs_denominators")  # ZeroRule convolutions whose output only the Add reads
     assert must <= changed, f"switches without effect: {sorted(must - changed)}"
 
 
@@ -120,27 +160,26 @@ def test_conv_form_transpose_is_chosen_per_geometry(rng: np.random.Generator) ->
                      "conv_1x1": "Conv"}
 
 
+@pytest.mark.parametrize("switch", ["relu_denominators", "abs_denominators"])
 @pytest.mark.parametrize("composite", sorted(COMPOSITES))
-@pytest.mark.parametrize("which", ["seed_vgg", "geometry"])
-def test_relu_denominators_give_the_same_floats(which: str, composite: str,
+@pytest.mark.parametrize("which", ["seed_vgg", "geometry", "residual"])
+def test_denominator_forms_give_the_same_floats(which: str, composite: str, switch: str,
                                                 rng: np.random.Generator) -> None:
     """``relu(z) + eps`` differs from ``z + eps * sign(z)`` only where the numerator is exactly
-    zero, so the relevance is bit-identical, not merely close (ReLU nets have many exact zeros,
-    and these inputs include an all-zero and a negative image)."""
-    if which == "seed_vgg":
-        model: onnx.ModelProto = onnx.load(MODELS / "seed_vgg.onnx")
-        shape: tuple[int, ...] = (3, 32, 32)
-    else:
-        model, shape = _geometry_net(rng), (3, 9, 8)
+    zero, and ``(|z| t) / (|z| + eps)`` is ``(z t) / (z + eps * sign(z))`` with both operands
+    negated where ``z < 0``: the relevance is bit-identical, not merely close (ReLU nets have
+    many exact zeros, and these inputs include an all-zero and a negative image)."""
+    model, shape = _test_model(which, rng)
     x = rng.uniform(-1, 1, (4, *shape)).astype(np.float32)
     x[1] = 0.0
     x[2] = -np.abs(x[2])
     make = COMPOSITES[composite]
     on = L.compile(model, make())
-    off = L.compile(model, make(), optimizations=replace(L.Optimizations(),
-                                                         relu_denominators=False))
-    if which == "seed_vgg" or composite == "zero":
+    off = L.compile(model, make(), optimizations=replace(L.Optimizations(), **{switch: False}))
+    if switch == "relu_denominators" and (which == "seed_vgg" or composite == "zero"):
         assert _ops(on) != _ops(off)
+    if switch == "abs_denominators":
+        assert (_ops(on) != _ops(off)) == (which == "residual" and composite == "zero")
     np.testing.assert_array_equal(_relevance(on, x), _relevance(off, x))
 
 

@@ -54,6 +54,7 @@ pytest.importorskip("torchvision")
 pytest.importorskip("zennit")
 
 import lrp_onnx as L  # noqa: E402
+from cuda_kernels import cuda_gaps  # noqa: E402
 from lrp_onnx import float64, oracle, zoo  # noqa: E402
 
 SHAPE = (3, 224, 224)
@@ -130,6 +131,7 @@ def test_zoo_model_matches_zennit(name: str, tmp_path: Path) -> None:
                 gc.collect()
                 # float32: the product, run by ONNX Runtime
                 analyzer = L.LRP(path, preset.ours(name))
+                assert not cuda_gaps(analyzer.model), f"{label}: {cuda_gaps(analyzer.model)}"
                 rel = {n: analyzer.analyze(x[:n], target[:n], device="cpu").relevance
                        for n in (BATCH, 1)}
                 kernel_limited = (name, preset.name) in KERNEL_LIMITED
