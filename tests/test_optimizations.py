@@ -30,12 +30,26 @@ COMPOSITES = {
 }
 
 
+def _weight(rng: np.random.Generator, name: str, *shape: int) -> onnx.TensorProto:
+    return numpy_helper.from_array(
+        (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32), name)
+
+
+def _net(name: str, nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto],
+         sample: list[int]) -> onnx.ModelProto:
+    """Input ``x`` ``[N, *sample]``, output ``logits`` ``[N, 5]``."""
+    graph = helper.make_graph(
+        nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *sample])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                             ir_version=IR_VERSION)
+
+
 def _geometry_net(rng: np.random.Generator) -> onnx.ModelProto:
     """Convolutions of every geometry the Conv-form transpose must get right (or refuse):
     dilation with asymmetric pads, groups, a padding wider than the kernel, stride 2, 1x1."""
     def w(name: str, *shape: int) -> onnx.TensorProto:
-        return numpy_helper.from_array(
-            (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32), name)
+        return _weight(rng, name, *shape)
 
     inits = [w("w1", 8, 3, 3, 3), w("w2", 8, 4, 3, 3), w("w3", 8, 8, 2, 2), w("w4", 8, 8, 3, 3),
              w("w5", 8, 8, 1, 1), w("wd", 5, 8),
@@ -58,19 +72,14 @@ def _geometry_net(rng: np.random.Generator) -> onnx.ModelProto:
         helper.make_node("Flatten", ["p"], ["f"], "flatten"),
         helper.make_node("Gemm", ["f", "wd"], ["logits"], "dense", transB=1),
     ]
-    graph = helper.make_graph(
-        nodes, "geometry", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 9, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                             ir_version=IR_VERSION)
+    return _net("geometry", nodes, inits, [3, 9, 8])
 
 
 def _residual_net(rng: np.random.Generator) -> onnx.ModelProto:
     """Two residual blocks (an identity shortcut, then a 1x1 projection), ResNet's pattern: the
     summands' pre-activations feed only the ``Add`` (denominators of unknown sign)."""
     def w(name: str, *shape: int) -> onnx.TensorProto:
-        return numpy_helper.from_array(
-            (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32), name)
+        return _weight(rng, name, *shape)
 
     inits = [w("w0", 4, 3, 3, 3), w("w1", 4, 4, 3, 3), w("w2", 6, 4, 3, 3), w("wp", 6, 4, 1, 1),
              w("wd", 5, 6), numpy_helper.from_array(rng.uniform(-0.2, 0.2, 4).astype(np.float32),
@@ -90,11 +99,7 @@ def _residual_net(rng: np.random.Generator) -> onnx.ModelProto:
         helper.make_node("Flatten", ["p"], ["f"], "flatten"),
         helper.make_node("Gemm", ["f", "wd"], ["logits"], "dense", transB=1),
     ]
-    graph = helper.make_graph(
-        nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                             ir_version=IR_VERSION)
+    return _net("residual", nodes, inits, [3, 8, 8])
 
 
 def _test_model(which: str, rng: np.random.Generator) -> tuple[onnx.ModelProto,
