@@ -36,15 +36,15 @@ _CONV_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm"
              "FusedMatMul", "NchwcConv")
 
 
-def _session(path: str, threads: int, profile_prefix: str | None = None) -> Any:
+def _profiled_session(path: str, threads: int, profile_prefix: str) -> Any:
+    """A CPU session like ``lrp_onnx.runtime.make_session``'s, with ORT's profiler on."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
-    if profile_prefix:
-        opts.enable_profiling = True
-        opts.profile_file_prefix = profile_prefix
+    opts.enable_profiling = True
+    opts.profile_file_prefix = profile_prefix
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
@@ -58,18 +58,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     import lrp_onnx as L
+    from lrp_onnx.runtime import make_session
 
     analyzer = L.LRP(args.model, None if args.composite == "zero" else L.EpsilonPlusFlat())
     with tempfile.TemporaryDirectory() as tmp:
         dest = str(Path(tmp) / "compiled.onnx")
         analyzer.save(dest)
-        fwd = _session(args.model, args.threads)
+        fwd = make_session(args.model, device="cpu", threads=args.threads)
         shape = [d if isinstance(d, int) else args.batch for d in fwd.get_inputs()[0].shape]
         shape[0] = args.batch
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         feeds = {fwd.get_inputs()[0].name: x}
         fwd_ms = timed(lambda: fwd.run(None, feeds), args.runs)
-        prof = _session(dest, args.threads, str(Path(tmp) / "profile"))
+        prof = _profiled_session(dest, args.threads, str(Path(tmp) / "profile"))
         lrp_feeds = dict(feeds, target=np.full(args.batch, -1, np.int64))
         for _ in range(3 + args.runs):
             prof.run(None, lrp_feeds)
