@@ -7,20 +7,24 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .analyzer import (  # noqa: E402
-    LRP,
-    Explanation,
-    FlatModel,
-    compile,
-    flatten_model,
-    lrp_rules,
-    save_model,
-    show_layer_indices,
+from lrp_onnx.api import LRP, FlatModel, compile, flatten_model, lrp_rules, show_layer_indices
+from lrp_onnx.check import CheckReport, CheckResult, check_model
+from lrp_onnx.emit.optimizations import Optimizations
+from lrp_onnx.errors import (
+    CanonizerError,
+    InvalidInput,
+    LRPError,
+    ModelLoadError,
+    RuleAssignmentError,
+    RuleNotApplicable,
+    RuntimeFailure,
+    UnsupportedAttribute,
+    UnsupportedModel,
+    UnsupportedOp,
 )
-from .check import CheckReport, CheckResult, check_model  # noqa: E402
-from .composites import (  # noqa: E402
+from lrp_onnx.frontend.structure import ChainTuple, ParallelTuple, SkipConnectionTuple
+from lrp_onnx.io import save_model
+from lrp_onnx.rules.composites import (
     PRESETS,
     ActivationLayer,
     Composite,
@@ -51,20 +55,7 @@ from .composites import (  # noqa: E402
     ReshapingLayer,
     parse_composite,
 )
-from .errors import (  # noqa: E402
-    CanonizerError,
-    InvalidInput,
-    LRPError,
-    ModelLoadError,
-    RuleAssignmentError,
-    RuleNotApplicable,
-    RuntimeFailure,
-    UnsupportedAttribute,
-    UnsupportedModel,
-    UnsupportedOp,
-)
-from .options import Optimizations  # noqa: E402
-from .rules import (  # noqa: E402
+from lrp_onnx.rules.core import (
     AlphaBetaRule,
     EpsilonRule,
     FlatRule,
@@ -78,7 +69,8 @@ from .rules import (  # noqa: E402
     ZeroRule,
     ZPlusRule,
 )
-from .tree import ChainTuple, ParallelTuple, SkipConnectionTuple  # noqa: E402
+from lrp_onnx.runtime import Explanation
+from lrp_onnx.version import __version__
 
 __all__ = [
     "LRP", "Explanation", "FlatModel", "compile", "flatten_model", "lrp_rules", "save_model",

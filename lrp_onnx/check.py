@@ -29,10 +29,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
-from .analyzer import LRP
-from .compiler import (
+from lrp_onnx.api import LRP
+from lrp_onnx.emit.contract import (
     AUDIT_PREFIX,
     PER_LAYER_PREFIX,
     RELEVANCE,
@@ -40,22 +39,17 @@ from .compiler import (
     read_record,
     strip_compiled,
 )
-from .errors import LRPError, UnsupportedModel
-from .layers import Layer
-from .load import _skeleton, load_model
-from .load import check_model as onnx_check
-from .rulefile import parse_rule
-from .rules import (
-    AlphaBetaRule,
-    FlatRule,
-    GradientRule,
-    LinearRule,
+from lrp_onnx.emit.registry import conserves_default, spec_of
+from lrp_onnx.errors import LRPError, UnsupportedModel
+from lrp_onnx.frontend.layers import Layer
+from lrp_onnx.frontend.load import load_model, run_onnx_checker, skeleton
+from lrp_onnx.rules.core import (
     PassRule,
     Rule,
-    WSquareRule,
-    ZBoxRule,
 )
-from .runtime import make_session
+from lrp_onnx.rules.rulefile import parse_rule
+from lrp_onnx.runtime import make_session
+from lrp_onnx.sampling import random_input, rel_l2
 
 #: Largest relative difference between the compiled and the original model's outputs.
 OUTPUT_RTOL = 1e-5
@@ -63,7 +57,6 @@ OUTPUT_RTOL = 1e-5
 CONSERVATION_TOL = 1e-3
 #: Largest relative L2 difference between a compiled file's relevance and its recompilation.
 REPRODUCE_TOL = 1e-5
-_LINEAR_KINDS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 @dataclass
@@ -100,38 +93,16 @@ class CheckReport:
         return json.dumps(self.as_dict(), indent=2, sort_keys=True)
 
 
-def _has_bias(layer: Layer) -> bool:
-    if layer.bias_add is not None or layer.batchnorm is not None:
-        return True
-    if layer.kind in _LINEAR_KINDS and len(layer.primary.inputs) > 2:
-        bias = layer.primary.inputs[2]
-        if isinstance(bias, gs.Constant):
-            return bool(np.any(bias.values))
-        return str(bias.name) != ""  # a computed bias: assume non-zero
-    return False
-
-
 def conserving(layer: Layer, rule: Rule) -> bool:
     """Whether ``rule`` on ``layer`` passes on all the relevance the layer receives (up to the
-    stabilizer): pass-through and pooling/sum/concat layers under the z-rules do; a linear
-    layer does when it has no bias (or the rule drops it: ``zero_bias=True``, ``FlatRule``)
-    and the rule is not an ``AlphaBetaRule`` with ``alpha - beta != 1``; ``GradientRule``
-    does not."""
+    stabilizer), from the op's ``conserves`` fact: pass-through and pooling/sum/concat layers
+    under the z-rules do; a linear layer (BatchNormalization included) does when it has no
+    bias (or the rule drops it: ``zero_bias=True``, ``FlatRule``) and the rule is not an
+    ``AlphaBetaRule`` with ``alpha - beta != 1``; ``GradientRule`` does not."""
     if isinstance(rule, PassRule):
         return True
-    if isinstance(rule, GradientRule):
-        return False
-    if layer.kind not in _LINEAR_KINDS:
-        return True
-    if not isinstance(rule, LinearRule):
-        return False
-    if isinstance(rule, AlphaBetaRule) and abs(rule.alpha - rule.beta - 1.0) > 1e-12:
-        return False
-    if isinstance(rule, FlatRule):
-        return True
-    if isinstance(rule, (WSquareRule, ZBoxRule)) or hasattr(rule, "zero_bias"):
-        return bool(getattr(rule, "zero_bias", False)) or not _has_bias(layer)
-    return not _has_bias(layer)
+    spec = spec_of(layer.kind)
+    return (spec.conserves if spec is not None else conserves_default)(layer, rule)
 
 
 def _recorded_rules(record: dict[str, Any], label: str) -> list[Rule] | None:
@@ -147,33 +118,6 @@ def _recorded_rules(record: dict[str, Any], label: str) -> list[Rule] | None:
 def _is_compiled(model: onnx.ModelProto) -> bool:
     return (any(i.name == TARGET for i in model.graph.input)
             and any(o.name == RELEVANCE for o in model.graph.output))
-
-
-_NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
-       onnx.TensorProto.FLOAT16: np.float16}
-
-
-def _random_input(model: onnx.ModelProto, label: str, samples: int,
-                  rng: np.random.Generator) -> tuple[str, np.ndarray]:
-    inits = {t.name for t in model.graph.initializer}
-    data = [i for i in model.graph.input if i.name not in inits and i.name != TARGET]
-    if len(data) != 1:
-        raise UnsupportedModel(f"{label}: expected one data input, found {len(data)}")
-    vi = data[0]
-    tt = vi.type.tensor_type
-    if tt.elem_type not in _NP:
-        raise UnsupportedModel(f"{label}: input '{vi.name}' is not a float tensor")
-    shape = []
-    for k, d in enumerate(tt.shape.dim):
-        if d.HasField("dim_value"):
-            shape.append(int(d.dim_value))
-        elif k == 0:
-            shape.append(samples)
-        else:
-            raise UnsupportedModel(f"{label}: input '{vi.name}' dimension {k} is not static")
-    # Standard normal, clipped to [-3, 3]: the range of normalized image inputs.
-    x = np.clip(rng.standard_normal(shape), -3.0, 3.0).astype(_NP[tt.elem_type])
-    return vi.name, x
 
 
 def _rel_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -252,15 +196,17 @@ def check_model(model: Any, rules_or_composite: Any = None, *, samples: int = 4,
         original, rules, normalize = proto, rules_or_composite, True
         product = LRP(proto, rules, normalize_output_relevance=normalize, output=output).model
     try:
-        onnx_check(product)
-        onnx.shape_inference.infer_shapes(_skeleton(product), check_type=True, strict_mode=True)
+        run_onnx_checker(product)
+        onnx.shape_inference.infer_shapes(skeleton(product), check_type=True, strict_mode=True)
         results.append(CheckResult("onnx_checker", True,
                                    "onnx.checker and strict shape inference passed"))
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         results.append(CheckResult("onnx_checker", False, str(exc).strip().splitlines()[0]))
 
     rng = np.random.default_rng(seed)
-    input_name, x = _random_input(original, label, samples, rng)
+    # Standard normal, clipped to [-3, 3]: the range of normalized image inputs.
+    input_name, x = random_input(original, rng, batch=samples, label=label,
+                                 exclude=(TARGET,), clip=3.0)
     n = x.shape[0]
     feeds = {input_name: x}
     target = np.full((n,), -1, dtype=np.int64)
@@ -295,7 +241,7 @@ def check_model(model: Any, rules_or_composite: Any = None, *, samples: int = 4,
             results.append(CheckResult("recorded_rules", None,
                                        "no lrp_onnx metadata: rules unknown"))
         else:
-            diff = _rel_l2(rel, audit_outs[RELEVANCE])
+            diff = rel_l2(rel, audit_outs[RELEVANCE])
             results.append(CheckResult(
                 "recorded_rules", diff <= REPRODUCE_TOL,
                 f"recompiled with the {len(audit.rules)} recorded rules: relative L2 "
@@ -331,11 +277,6 @@ def _seed_logits(outs: dict[str, np.ndarray]) -> np.ndarray:
                if k == f"{AUDIT_PREFIX}{last}" or k.startswith(f"{AUDIT_PREFIX}{last}_")]
     total: np.ndarray = np.sum(arrived, axis=0)
     return total
-
-
-def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    return float(np.linalg.norm(a64 - b64) / max(float(np.linalg.norm(b64)), 1e-30))
 
 
 __all__: Sequence[str] = ("CheckReport", "CheckResult", "check_model", "conserving",

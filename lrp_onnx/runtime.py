@@ -1,13 +1,22 @@
-"""Running compiled models with ONNX Runtime: provider choice and sessions."""
+"""Running compiled models with ONNX Runtime: provider choice, sessions, and one explained batch
+(:func:`run_compiled`, IO binding)."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
+
+from lrp_onnx.dtypes import ORT_FLOATS
+from lrp_onnx.emit.contract import RELEVANCE, TARGET
+from lrp_onnx.errors import InvalidInput, RuntimeFailure, UnsupportedModel
+from lrp_onnx.frontend.load import one_line
+from lrp_onnx.io import EXTERNAL_DATA_ABOVE, save_model, weight_bytes
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -69,8 +78,6 @@ def make_session(model: onnx.ModelProto | str | os.PathLike[str], *, device: str
         # ORT refuses a session that lists the CPU EP while CPU fallback is disabled.
         provs = [p for p in provs if (p[0] if isinstance(p, tuple) else p) != CPU] or provs
     if isinstance(model, onnx.ModelProto):
-        from .analyzer import EXTERNAL_DATA_ABOVE, save_model, weight_bytes
-
         if weight_bytes(model) > EXTERNAL_DATA_ABOVE:
             # Over 2 GiB a model cannot be serialized in one piece: hand ORT a file with
             # external data, kept for as long as the session lives.
@@ -82,3 +89,77 @@ def make_session(model: onnx.ModelProto | str | os.PathLike[str], *, device: str
             return session
         return ort.InferenceSession(model.SerializeToString(), opts, providers=provs)
     return ort.InferenceSession(str(model), opts, providers=provs)
+
+
+@dataclass
+class Explanation:
+    """Result of :meth:`LRP.analyze`.
+
+    Attributes:
+        relevance: input relevance, same shape and dtype as the input.
+        output: the explained model output (e.g. logits or probabilities).
+        target: the class explained for each sample (argmax where ``-1`` was asked).
+        provider: the ONNX Runtime execution provider that ran the model.
+    """
+
+    relevance: np.ndarray
+    output: np.ndarray
+    target: np.ndarray
+    provider: str
+
+
+def run_compiled(session: Any, x: np.ndarray, target: Any, input_name: str, output_name: str,
+                 num_classes: int) -> Explanation:
+    """Run a compiled model's session on ``x`` and ``target``; validates the target."""
+    x = np.asarray(x)
+    n = x.shape[0] if x.ndim else 0
+    if target is None:
+        t = np.full((n,), -1, dtype=np.int64)
+    else:
+        t = np.asarray(target, dtype=np.int64)
+        if t.ndim == 0:
+            t = np.full((n,), int(t), dtype=np.int64)
+    if t.shape != (n,):
+        raise UnsupportedModel(f"target has shape {t.shape}; expected ({n},) for a batch of {n}")
+    bad = (t < -1) | (t >= num_classes)
+    if bad.any():
+        raise UnsupportedModel(f"target {int(t[bad][0])} is outside [-1, {num_classes - 1}]")
+    _check_input(session, input_name, x)
+    # IO binding: the input is read from this numpy buffer where it is (CPU EP) or copied to
+    # the GPU once (CUDA EP); outputs are written into CPU buffers ORT allocates, once.
+    binding = session.io_binding()
+    binding.bind_cpu_input(input_name, np.ascontiguousarray(x))
+    binding.bind_cpu_input(TARGET, t)
+    binding.bind_output(output_name)
+    binding.bind_output(RELEVANCE)
+    failures: tuple[type[BaseException], ...] = (RuntimeError, *ort_errors())
+    import onnxruntime as ort
+
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # a failed run is raised as one line, not also logged
+    try:
+        session.run_with_iobinding(binding, quiet)
+    except failures as exc:  # IO binding raises a plain RuntimeError
+        raise RuntimeFailure(f"ONNX Runtime failed to run the model: {one_line(str(exc))}") \
+            from None
+    out, rel = binding.copy_outputs_to_cpu()
+    logits_like = np.asarray(out)
+    chosen = np.where(t < 0, logits_like.reshape(n, -1).argmax(axis=1), t)
+    return Explanation(relevance=rel, output=out, target=chosen.astype(np.int64),
+                       provider=session.get_providers()[0])
+
+
+def _check_input(session: Any, input_name: str, x: np.ndarray) -> None:
+    """A one-line :class:`InvalidInput` where ONNX Runtime would fail deep in its run."""
+    spec = next((i for i in session.get_inputs() if i.name == input_name), None)
+    if spec is None:
+        return
+    want = ORT_FLOATS.get(spec.type)
+    if want is not None and x.dtype != want:
+        raise InvalidInput(f"input '{input_name}' must be {np.dtype(want).name}, got "
+                           f"{x.dtype.name} (convert with x.astype(np.{np.dtype(want).name}))")
+    shape = list(spec.shape)
+    if x.ndim != len(shape) or any(isinstance(d, int) and d != a for d, a in zip(shape, x.shape)):
+        dims = ["N" if not isinstance(d, int) else d for d in shape]
+        raise InvalidInput(f"input '{input_name}' has shape {list(x.shape)}; the model takes "
+                           f"{dims}")

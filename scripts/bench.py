@@ -51,7 +51,7 @@ def torch_model(name: str) -> Any:
 
     torch.manual_seed(0)
     if name == "seed":
-        from lrp_onnx.oracle import seed_vgg
+        from lrp_onnx.testing.oracle import seed_vgg
 
         return seed_vgg(0)
     import torchvision
@@ -62,7 +62,7 @@ def torch_model(name: str) -> Any:
 def export_model(name: str, folder: Path) -> Path:
     import torch
 
-    from lrp_onnx.oracle import export
+    from lrp_onnx.testing.oracle import export
 
     if name == "seed":
         return ROOT / "models" / "seed_vgg.onnx"

@@ -18,7 +18,7 @@ import numpy as np
 def main() -> None:
     import torch
 
-    from lrp_onnx.oracle import export, insert_dropout, seed_vgg
+    from lrp_onnx.testing.oracle import export, insert_dropout, seed_vgg
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "models"))

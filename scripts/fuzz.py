@@ -5,8 +5,8 @@
 
 Prints the counts per outcome (ok, ill-conditioned, clean-error by error class, mismatch,
 crash) and, for every crash or mismatch, the seed that reproduces it
-(``lrp_onnx.fuzzing.graph_case(seed)`` / ``mutation_case(seed, base_models())``). Exit status 1
-when there was any crash or mismatch. See docs/fuzzing.md.
+(``lrp_onnx.testing.fuzzing.graph_case(seed)`` / ``mutation_case(seed, base_models())``). Exit
+status 1 when there was any crash or mismatch. See docs/fuzzing.md.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lrp_onnx import fuzzing  # noqa: E402
+from lrp_onnx.testing import fuzzing, mutations  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     G_LOGGER.severity = G_LOGGER.CRITICAL
     bad = 0
     kinds = ("graphs", "mutations") if args.kind == "both" else (args.kind,)
-    bases = fuzzing.base_models() if "mutations" in kinds else []
+    bases = mutations.base_models() if "mutations" in kinds else []
     for kind in kinds:
         tally = fuzzing.Tally()
         start = time.perf_counter()
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.time_limit and time.perf_counter() - start > args.time_limit:
                 break
             outcome = (fuzzing.graph_case(seed) if kind == "graphs"
-                       else fuzzing.mutation_case(seed, bases))
+                       else mutations.mutation_case(seed, bases))
             tally.add(outcome)
             done += 1
         took = time.perf_counter() - start

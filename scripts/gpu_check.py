@@ -151,7 +151,7 @@ def main() -> int:
     from zennit.composites import EpsilonPlusFlat as ZEpsilonPlusFlat
 
     import lrp_onnx as L
-    from lrp_onnx.oracle import agreement
+    from lrp_onnx.testing.oracle import agreement
 
     info = bench.machine()
     info["providers"] = ort.get_available_providers()

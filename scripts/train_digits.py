@@ -280,12 +280,12 @@ def render_figures(out_dir: str | os.PathLike[str], models: str | os.PathLike[st
     """Draw ``digits_epsilon_plus_flat.png`` into ``out_dir`` from the shipped model and samples.
 
     One column per digit 0..9. Rows: the digit (dark ink on white, :func:`input_rgb`); its
-    EpsilonPlusFlat heatmap for the true class (:func:`lrp_onnx.heatmap.heatmap`, defaults);
-    that heatmap over the digit (:func:`lrp_onnx.heatmap.overlay`, alpha 0.5); the EpsilonPlus
+    EpsilonPlusFlat heatmap for the true class (:func:`lrp_onnx.cli.heatmap.heatmap`, defaults);
+    that heatmap over the digit (:func:`lrp_onnx.cli.heatmap.overlay`, alpha 0.5); the EpsilonPlus
     heatmap (z⁺ instead of Flat on the first conv), to show what Flat does at the input layer.
     """
     from lrp_onnx import LRP, EpsilonPlus, EpsilonPlusFlat
-    from lrp_onnx.heatmap import heatmap, overlay, save_png
+    from lrp_onnx.cli.heatmap import heatmap, overlay, save_png
 
     models = Path(models)
     x = np.load(models / SAMPLES_NAME)

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import onnx
 
-from lrp_onnx.load import _skeleton, default_opset
+from lrp_onnx.frontend.load import default_opset, skeleton
 
 TABLE: dict[str, list[dict]] = json.loads(
     (Path(__file__).with_name("ort_cuda_kernels.json")).read_text())["ops"]
 
 
 def _dtypes(model: onnx.ModelProto) -> dict[str, str]:
-    inferred = onnx.shape_inference.infer_shapes(_skeleton(model))
+    inferred = onnx.shape_inference.infer_shapes(skeleton(model))
     g = inferred.graph
     out = {vi.name: vi.type.tensor_type.elem_type
            for vi in [*g.input, *g.output, *g.value_info] if vi.type.HasField("tensor_type")}

@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import lrp_onnx as L
 from conftest import ort_session
-from lrp_onnx.canonize import fold_constant_nodes, name_nodes
+from lrp_onnx.frontend.passes import fold_constant_nodes, name_nodes
 
 
 def _mlp(nodes, inits, opset=17, inputs=None, in_shape=("N", 4)):

@@ -13,7 +13,7 @@ import pytest
 from conftest import MODELS, ort_session
 from lrp_onnx import LRP, Composite, EpsilonPlusFlat, ZeroRule, check
 from lrp_onnx.errors import CanonizerError, UnsupportedModel
-from lrp_onnx.testing import Net, ref_epsilon
+from lrp_onnx.testing.references import Net, ref_epsilon
 
 SEED_VGG = MODELS / "seed_vgg.onnx"
 

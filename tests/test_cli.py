@@ -175,7 +175,7 @@ DIGIT_SAMPLES = MODELS / "digits_samples.npy"
 
 def cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
     """Run ``lrp-onnx ARGS`` in this process: (exit code, stdout, stderr)."""
-    from lrp_onnx.cli import main
+    from lrp_onnx.cli.main import main
 
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()
@@ -287,7 +287,7 @@ def test_convert_unwritable_folder(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_composite_and_rules_is_a_usage_error(tmp_path: Path) -> None:
-    from lrp_onnx.cli import main
+    from lrp_onnx.cli.main import main
 
     with pytest.raises(SystemExit) as info:
         main(["convert", str(DIGITS), str(tmp_path / "o.onnx"), "--composite", "EpsilonPlus",
@@ -385,7 +385,7 @@ def test_explain_progress(tmp_path: Path, compiled_digits: Path,
 def test_progress_bar_on_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
     import io
 
-    from lrp_onnx.outputs import Progress
+    from lrp_onnx.cli.outputs import Progress
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -509,7 +509,7 @@ def test_explain_forced_cuda_without_cuda(compiled_digits: Path,
                                   ["--percentile", "0"], ["--scale", "1/0"], ["--mode", "P"],
                                   ["--size", "8", "8", "--no-resize"]])
 def test_explain_usage_errors(args: list[str], compiled_digits: Path) -> None:
-    from lrp_onnx.cli import main
+    from lrp_onnx.cli.main import main
 
     with pytest.raises(SystemExit) as info:
         main(["explain", str(compiled_digits), str(DIGIT_SAMPLES), *args])

@@ -19,8 +19,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")
 Image = pytest.importorskip("PIL.Image")
 
-from lrp_onnx import LRP, EpsilonPlusFlat, oracle, zoo  # noqa: E402
-from lrp_onnx.cli import main  # noqa: E402
+from lrp_onnx import LRP, EpsilonPlusFlat  # noqa: E402
+from lrp_onnx.cli.main import main  # noqa: E402
+from lrp_onnx.testing import oracle, zoo  # noqa: E402
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

@@ -133,7 +133,7 @@ def test_parse_composite_is_safe() -> None:
 
 
 def test_rule_file(tmp_path: Path) -> None:
-    from lrp_onnx.rulefile import load_rules
+    from lrp_onnx.rules.rulefile import load_rules
 
     toml = tmp_path / "r.toml"
     toml.write_text(
@@ -159,7 +159,7 @@ def flat_vgg11(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch = pytest.importorskip("torch")
     from torch import nn
 
-    from lrp_onnx.oracle import export, insert_dropout
+    from lrp_onnx.testing.oracle import export, insert_dropout
 
     torch.manual_seed(0)
     c = [3, 4, 8, 8, 8, 8, 8, 8, 8]
@@ -221,7 +221,7 @@ def test_relevancepropagation_jl_worked_example(flat_vgg11: Path) -> None:
 def resnet18(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch = pytest.importorskip("torch")
     torchvision = pytest.importorskip("torchvision")
-    from lrp_onnx.oracle import export
+    from lrp_onnx.testing.oracle import export
 
     torch.manual_seed(0)
     return export(torchvision.models.resnet18().eval(),

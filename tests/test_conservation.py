@@ -34,7 +34,7 @@ from lrp_onnx import (
     ZeroRule,
     ZPlusRule,
 )
-from lrp_onnx.testing import Net
+from lrp_onnx.testing.references import Net
 
 BATCH = 4
 #: Relative tolerance of a per-sample sum (float32 model, stabilizer 1e-6, |logit| > 0.1).

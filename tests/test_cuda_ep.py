@@ -22,9 +22,10 @@ from onnx import TensorProto, helper, numpy_helper
 import lrp_onnx as L
 from conftest import MODELS
 from cuda_kernels import cuda_gaps
-from lrp_onnx import fuzzing, runtime
+from lrp_onnx import runtime
 from lrp_onnx.errors import LRPError
-from lrp_onnx.testing import IR_VERSION, OPSET
+from lrp_onnx.testing import fuzzing
+from lrp_onnx.testing.references import IR_VERSION, OPSET
 from test_optimizations import COMPOSITES, _test_model
 
 

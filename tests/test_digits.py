@@ -5,7 +5,7 @@
 * Relevance against Zennit 0.5.1 on the same torch model (``build_model()`` with the ONNX
   initializers loaded), the same targets (the labels) and one-hot output relevance, with
   ``tests/test_zennit.py``'s acceptance: relative L2 <= 1e-4 and correlation >= 0.9999 per
-  sample in float32 (:func:`lrp_onnx.oracle.assert_agreement`):
+  sample in float32 (:func:`lrp_onnx.testing.oracle.assert_agreement`):
 
   - ``EpsilonPlusFlat`` vs Zennit's ``EpsilonPlusFlat``: float32 ONNX Runtime vs float32 Zennit
     (measured 2.7e-7 at most), and the compiled graph in float64 vs Zennit in float64 (3e-15);
@@ -43,7 +43,8 @@ import zennit.composites as zc  # noqa: E402
 from zennit.rules import Epsilon, Pass  # noqa: E402
 
 import lrp_onnx  # noqa: E402
-from lrp_onnx import LRP, float64, oracle  # noqa: E402
+from lrp_onnx import LRP  # noqa: E402
+from lrp_onnx.testing import float64, oracle  # noqa: E402
 
 ONNX_PATH = MODELS / "digits_cnn.onnx"
 #: float64 acceptance (relative L2 per sample), as tests/test_zoo.py.

@@ -16,17 +16,10 @@ import pytest
 from onnx import TensorProto, helper
 
 from conftest import MODELS
-from lrp_onnx import (
-    LRP,
-    Composite,
-    EpsilonAlpha2Beta1,
-    EpsilonGammaBox,
-    EpsilonPlusFlat,
-    ZeroRule,
-)
-from lrp_onnx.cli import main
+from lrp_onnx import LRP, Composite, EpsilonAlpha2Beta1, EpsilonGammaBox, EpsilonPlusFlat, ZeroRule
+from lrp_onnx.cli.main import main
 from lrp_onnx.errors import LRPError, ModelLoadError, UnsupportedModel
-from lrp_onnx.testing import Net
+from lrp_onnx.testing.references import Net
 
 SEED = MODELS / "seed_vgg.onnx"
 
@@ -368,7 +361,7 @@ def test_fuzzer_found_models_are_clean_errors(case: str, tmp_path: Path,
 def test_cli_internal_error_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     """A bug of ours (simulated) still ends in one line and exit status 3, no output file."""
-    from lrp_onnx import analyzer
+    from lrp_onnx import api as analyzer
 
     def bug(*args: Any, **kwargs: Any) -> None:
         raise ZeroDivisionError("simulated\nbug")

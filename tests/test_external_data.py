@@ -14,8 +14,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import MODELS, ort_session
-from lrp_onnx import LRP, EpsilonPlusFlat, analyzer
-from lrp_onnx.cli import main
+from lrp_onnx import LRP, EpsilonPlusFlat
+from lrp_onnx import io as lrp_io
+from lrp_onnx.cli.main import main
 
 SEED = MODELS / "seed_vgg.onnx"
 
@@ -72,7 +73,7 @@ def test_failed_external_save_leaves_nothing(tmp_path: Path,
     def broken(*args: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(analyzer, "write_model", broken)
+    monkeypatch.setattr(lrp_io, "write_model", broken)
     with pytest.raises(OSError):
         lrp.save(tmp_path / "m.onnx", external_data=True)
     assert list(tmp_path.iterdir()) == []

@@ -1,4 +1,4 @@
-"""The float64 runner (``lrp_onnx.float64``) that the zoo's float64 oracle comparisons use.
+"""The float64 runner (``lrp_onnx.testing.float64``) that the zoo's float64 oracle comparisons use.
 
 Its torch-backed Conv, ConvTranspose, MaxPool and ScatterElements are checked against
 ``onnx.reference``'s own (loop) implementations of the same nodes, in float64, on geometries
@@ -17,8 +17,8 @@ from onnx.reference import ReferenceEvaluator
 
 pytest.importorskip("torch")
 
-from lrp_onnx import float64  # noqa: E402
-from lrp_onnx.testing import IR_VERSION, OPSET  # noqa: E402
+from lrp_onnx.testing import float64  # noqa: E402
+from lrp_onnx.testing.references import IR_VERSION, OPSET  # noqa: E402
 
 D = TensorProto.DOUBLE
 

@@ -1,4 +1,4 @@
-"""The fuzzers of :mod:`lrp_onnx.fuzzing` in CI: 300 random valid CNNs against the float64
+"""The fuzzers of :mod:`lrp_onnx.testing.fuzzing` in CI: 300 random valid CNNs against the float64
 numpy reference and 300 mutated models (``scripts/fuzz.py`` runs any number)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lrp_onnx import fuzzing
+from lrp_onnx.testing import fuzzing, mutations
 
 CASES = 300
 
@@ -24,9 +24,9 @@ def test_random_cnns_match_the_numpy_reference() -> None:
 
 def test_mutated_models_give_results_or_clean_errors() -> None:
     tally = fuzzing.Tally()
-    bases = fuzzing.base_models()
+    bases = mutations.base_models()
     for seed in range(CASES):
-        tally.add(fuzzing.mutation_case(seed, bases, run_cli=seed % 10 == 0))
+        tally.add(mutations.mutation_case(seed, bases, run_cli=seed % 10 == 0))
     assert not tally.failures, "\n".join(f"seed {f.seed}: {f.error} {f.detail}"
                                          for f in tally.failures[:5])
     assert tally.counts.get("clean-error", 0) > CASES // 2  # the mutations do break models

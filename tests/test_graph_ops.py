@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import lrp_onnx as L
-from lrp_onnx import oracle
+from lrp_onnx.testing import oracle
 
 
 def stab(z: np.ndarray, eps: float = 1e-6) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""lrp_onnx.heatmap: colours, scaling, channel reduction, overlays and PNG files.
+"""lrp_onnx.cli.heatmap: colours, scaling, channel reduction, overlays and PNG files.
 
 Every expected colour is computed here from the documented ramp (matplotlib's ``"bwr"``:
 ``v >= 0 -> (1, 1 - v, 1 - v)``, ``v < 0 -> (1 + v, 1 + v, 1)``, times 255, rounded), never by
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lrp_onnx.heatmap import colorize, heatmap, overlay, save_png
+from lrp_onnx.cli.heatmap import colorize, heatmap, overlay, save_png
 
 WHITE, RED, BLUE = (255, 255, 255), (255, 0, 0), (0, 0, 255)
 

@@ -1,6 +1,6 @@
-"""lrp_onnx.inputs: finding, checking, preprocessing and streaming explain's inputs.
+"""lrp_onnx.cli.inputs: finding, checking, preprocessing and streaming explain's inputs.
 
-The preprocessing references call Pillow and numpy directly (never lrp_onnx.inputs).
+The preprocessing references call Pillow and numpy directly (never lrp_onnx.cli.inputs).
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lrp_onnx.errors import InvalidInput, LRPError
-from lrp_onnx.inputs import (
+from lrp_onnx.cli.inputs import (
     InputFileError,
     ModelInput,
     Preprocess,
@@ -25,6 +24,7 @@ from lrp_onnx.inputs import (
     plan_inputs,
     read_image,
 )
+from lrp_onnx.errors import InvalidInput, LRPError
 
 RGB32 = ModelInput("input", (None, 3, 32, 32), np.dtype(np.float32))
 GREY8 = ModelInput("input", (None, 1, 8, 8), np.dtype(np.float32))
@@ -222,7 +222,7 @@ def test_duplicate_stems(tmp_path: Path) -> None:
 
 # -- streaming ---------------------------------------------------------------------------------
 def test_batches_stream_with_bounded_memory(tmp_path: Path, monkeypatch) -> None:
-    import lrp_onnx.inputs as inputs
+    import lrp_onnx.cli.inputs as inputs
 
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -62,7 +62,7 @@ def test_streamed_read_equals_protobuf_parse(tmp_path: Path) -> None:
     """``read_model`` parses initializers one by one; the result is ``ParseFromString``'s, for
     a model whose fields come in an unusual order (initializers before nodes, a repeated
     graph field merged) too."""
-    from lrp_onnx.load import read_model
+    from lrp_onnx.io import read_model
 
     model = onnx.load(SEED)
     with SEED.open("rb") as fh:

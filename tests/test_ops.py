@@ -1,5 +1,5 @@
-"""The per-op x per-rule table (STYLE 4.7): compile -> ONNX Runtime (CPU) -> compare with the
-numpy matrix-form references of :mod:`lrp_onnx.testing`.
+"""The per-op x per-rule table: compile -> ONNX Runtime (CPU) -> compare with the
+numpy matrix-form references of :mod:`lrp_onnx.testing.references`.
 
 Every model is "layer under test" (nodes named ``lut/*``, which get the rule under test through a
 ``NameMap``) followed by a fixed head (``Flatten`` + ``Gemm`` under ZeroRule, bias 5 so the
@@ -45,8 +45,8 @@ from lrp_onnx import (
     ZeroRule,
     ZPlusRule,
 )
-from lrp_onnx import testing as lt
-from lrp_onnx.testing import Net
+from lrp_onnx.testing import references as lt
+from lrp_onnx.testing.references import Net
 
 BATCH = 3
 TARGETS = np.array([1, 4, 0], dtype=np.int64)
@@ -87,6 +87,7 @@ class OpCase:
     feature_axis: int = 0  # axis of one sample that per-channel ZBox bounds vary along
     pool: dict = field(default_factory=dict)  # MaxPool geometry for the reference
     ref: Callable | None = None
+    opset: int | None = None  # the model's opset, where the op needs a newer one than 17
 
 
 def conv(cin: int, cout: int, kernel: tuple[int, ...], *, bias: bool = True, act: bool = False,
@@ -229,6 +230,10 @@ def _add_skip(net: Net, x: str) -> tuple[str, str | None]:
     return net.node("Add", [net.node("Relu", [x], "lut/relu"), x], "lut/add"), None
 
 
+def _sum_skip(net: Net, x: str) -> tuple[str, str | None]:
+    return net.node("Sum", [net.node("Relu", [x], "lut/relu"), x], "lut/sum"), None
+
+
 def _add_broadcast(net: Net, x: str) -> tuple[str, str | None]:
     m = net.node("ReduceMean", [x], "lut/mean", axes=[2, 3], keepdims=1)
     return net.node("Add", [x, m], "lut/add"), None
@@ -315,6 +320,7 @@ NONLINEAR_CASES = [
            single("ReduceMean", axes=[-1, 2], keepdims=0), "zmap"),
     OpCase("reducemean_tokens", (4, 6), single("ReduceMean", axes=[1], keepdims=0), "zmap"),
     OpCase("add_relu_skip", (3, 4, 4), _add_skip, "custom", ref=ref_add_skip),
+    OpCase("sum_relu_skip", (3, 4, 4), _sum_skip, "custom", ref=ref_add_skip),
     OpCase("add_broadcast", (3, 4, 5), _add_broadcast, "custom", ref=ref_add_broadcast),
     OpCase("add_const", (3, 4, 4), _add_const, "custom", ref=ref_add_const),
     OpCase("add_conv_residual", (3, 4, 4), _residual, "custom", ref=ref_add_residual),
@@ -323,7 +329,31 @@ NONLINEAR_CASES = [
     OpCase("concat_axis2_sizes_4_1", (3, 4, 5), _concat_mean, "custom", ref=ref_concat_mean),
 ]
 
+def floats(*values: float) -> Callable[[Net], str]:
+    def make(net: Net) -> str:
+        return net.const(f"lut/value{len(net.inits)}", np.asarray(values).reshape(-1)[0]
+                         if len(values) == 1 else np.asarray(values))
+    return make
+
+
+#: Standalone elementwise activations: relevance passes them unchanged (Zennit's Pass).
+ACTIVATION_CASES = [
+    OpCase(f"act_{op.lower()}", (3, 4, 2), single(op, *extra, **attrs), "route", opset=opset)
+    for op, extra, attrs, opset in [
+        ("Relu", (), {}, None), ("LeakyRelu", (), {"alpha": 0.1}, None),
+        ("PRelu", (floats(0.25),), {}, None), ("Clip", (floats(0.0), floats(6.0)), {}, None),
+        ("Sigmoid", (), {}, None), ("Tanh", (), {}, None), ("HardSigmoid", (), {}, None),
+        ("HardSwish", (), {}, None), ("Gelu", (), {}, 20), ("Elu", (), {}, None),
+        ("Selu", (), {}, None), ("Celu", (), {}, None), ("Softplus", (), {}, None),
+        ("Softsign", (), {}, None), ("Mish", (), {}, 18),
+        ("ThresholdedRelu", (), {"alpha": 0.1}, None),
+    ]
+]
+
 ROUTE_CASES = [
+    *ACTIVATION_CASES,
+    OpCase("squeeze", (3, 1, 2), single("Squeeze", ints(2)), "route"),
+    OpCase("unsqueeze", (3, 4, 2), single("Unsqueeze", ints(1)), "route"),
     OpCase("flatten", (3, 4, 2), single("Flatten", axis=1), "route"),
     OpCase("reshape", (3, 4, 2), single("Reshape", ints(-1, 2, 12)), "route"),
     OpCase("transpose", (3, 4, 2), single("Transpose", perm=[0, 2, 3, 1]), "route"),
@@ -415,6 +445,8 @@ def run_case(case: OpCase, rule: Rule, rng: np.random.Generator,
     layer input (float64), the relevance reaching the layer output (reference), and names.
     """
     net = Net(rng, case.sample)
+    if case.opset is not None:
+        net.opset = case.opset
     x_name = net.node("Relu", [net.x], x_lut_name(case)) if case.nonneg else net.x
     y, linear = case.build(net, x_name)
     net.head(y)
@@ -486,8 +518,8 @@ def test_nonlinear_layer(case: OpCase, rule_eps: tuple[Rule, float],
 @pytest.mark.parametrize("case", cases("route"), ids=lambda c: c.id)
 def test_routing_layer(case: OpCase, rule: Rule, rng: np.random.Generator) -> None:
     net, relevance, x_lut, r_y, y, _ = run_case(case, rule, rng)
-    if case.id == "relu":
-        expected = r_y  # passes unchanged (zero where the Relu output, hence R, is zero)
+    if case.id == "relu" or case.id.startswith("act_"):
+        expected = r_y  # activations pass R unchanged (Relu: zero where its output, hence R, is)
     else:
         J, _ = net.linear_map(input="x", output=y)
         expected = lt.ref_route(J, r_y.reshape(len(r_y), -1))

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import lrp_onnx as L
 from conftest import MODELS, ort_session
-from lrp_onnx.testing import IR_VERSION, OPSET
+from lrp_onnx.testing.references import IR_VERSION, OPSET
 
 SWITCHES = ("reuse_forward", "sign_analysis", "conv_transpose_as_conv", "modifiers_as_ops",
             "relu_denominators", "abs_denominators")
@@ -244,8 +244,8 @@ def test_relu_covers_follow_the_readers(ops: list[str], rules: dict[str, L.Rule]
                                         rng: np.random.Generator) -> None:
     """Which pre-activations get ``relu(z) + eps``: only those whose ReLU output every reader
     multiplies its relevance by (or routes like its values into such a value)."""
-    from lrp_onnx.analyzer import assign_rules, prepare
-    from lrp_onnx.vanish import relu_covers
+    from lrp_onnx.api import assign_rules, prepare
+    from lrp_onnx.emit.relevance_support import relu_covers
 
     prep = prepare(_chain(rng, ops, out_relu))
     flat = [rules.get(la.name, L.ZeroRule()) for la in prep.layers]

@@ -87,9 +87,10 @@ from lrp_onnx import (  # noqa: E402
     ReshapingLayer,
     ZBoxRule,
     ZeroRule,
-    oracle,
 )
-from lrp_onnx.compiler import RELEVANCE, TARGET  # noqa: E402
+from lrp_onnx.emit.compiler import TARGET  # noqa: E402
+from lrp_onnx.emit.contract import RELEVANCE  # noqa: E402
+from lrp_onnx.testing import oracle  # noqa: E402
 
 LOW, HIGH = -3.0, 3.0
 PRESET_NAMES = ["EpsilonPlusFlat", "EpsilonPlus", "EpsilonAlpha2Beta1", "EpsilonAlpha2Beta1Flat",

@@ -27,9 +27,9 @@ from lrp_onnx import (
     ZeroRule,
     ZPlusRule,
 )
-from lrp_onnx import testing as lt
-from lrp_onnx.rules import Group, LinearRule, Mod, Sel, Term
-from lrp_onnx.testing import Net
+from lrp_onnx.rules.core import Group, LinearRule, Mod, Sel, Term
+from lrp_onnx.testing import references as lt
+from lrp_onnx.testing.references import Net
 
 LINEAR_RULE_NAMES = ["ZeroRule", "EpsilonRule", "GammaRule", "GeneralizedGammaRule", "ZPlusRule",
                      "AlphaBetaRule", "WSquareRule", "FlatRule", "ZBoxRule"]

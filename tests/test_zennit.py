@@ -3,9 +3,9 @@
 Every comparison uses the same inputs and the same targets on both sides (argmax of the torch
 logits, computed once), one-hot (value 1) output relevance, and accepts a sample when its
 relative L2 error is at most 1e-4 and its correlation at least 0.9999
-(:func:`lrp_onnx.oracle.assert_agreement`).
+(:func:`lrp_onnx.testing.oracle.assert_agreement`).
 
-Inputs come from :func:`lrp_onnx.oracle.well_conditioned_inputs`: seeded standard-normal
+Inputs come from :func:`lrp_onnx.testing.oracle.well_conditioned_inputs`: seeded standard-normal
 samples (ImageNet-normalised pixel scale, clipped to [-3, 3]) with the ill-conditioned ones
 rejected, i.e. those with a hidden dense unit whose pre-activation lies in (0, 1e-4] or with a
 target logit below 1e-2 in magnitude. Near such a unit the factor ``z / (z + 1e-6)`` amplifies
@@ -43,15 +43,8 @@ from zennit.rules import Epsilon, Flat, Norm, Pass, ZPlus  # noqa: E402
 from zennit.torchvision import VGGCanonizer  # noqa: E402
 
 import lrp_onnx  # noqa: E402
-from lrp_onnx import (  # noqa: E402
-    LRP,
-    EpsilonRule,
-    FlatRule,
-    PassRule,
-    ZeroRule,
-    ZPlusRule,
-    oracle,
-)
+from lrp_onnx import LRP, EpsilonRule, FlatRule, PassRule, ZeroRule, ZPlusRule  # noqa: E402
+from lrp_onnx.testing import oracle  # noqa: E402
 
 SEED_SHAPE = (3, 32, 32)
 SEED_CLASSES = 100
@@ -262,7 +255,7 @@ def test_vgg16_dynamic_batch(vgg16_epf: LRP, vgg16_inputs: np.ndarray) -> None:
 def test_vgg16_cli_convert_matches_zennit(vgg16_model: object, vgg16_inputs: np.ndarray,
                                           model_cache: Path, tmp_path: Path) -> None:
     """``lrp-onnx convert`` on a torchvision VGG16 export writes a model equal to Zennit."""
-    from lrp_onnx.cli import main
+    from lrp_onnx.cli.main import main
 
     src = oracle.export_cached(vgg16_model, model_cache, "vgg16_legacy",
                                torch.zeros(1, *VGG_SHAPE))

@@ -2,10 +2,10 @@
 EpsilonGammaBox(-3, 3), batch 4 and batch 1.
 
 Per model: random weights (seeded), random BatchNorm statistics, BN epsilon 1e-30 (zennit
-0.5.1's merge artifact, see ``lrp_onnx.zoo.build``), Zennit with the canonizers of
-``lrp_onnx.zoo.canonizers`` (which make its residual sums and heads well-defined). EpsilonGammaBox
-is compared with Zennit's generalized gamma (``GeneralizedGammaRule``; our preset's own
-``GammaRule`` is RelevancePropagation.jl's and differs on residual networks, see
+0.5.1's merge artifact, see ``lrp_onnx.testing.zoo.build``), Zennit with the canonizers of
+``lrp_onnx.testing.zoo.canonizers`` (which make its residual sums and heads well-defined).
+EpsilonGammaBox is compared with Zennit's generalized gamma (``GeneralizedGammaRule``; our
+preset's own ``GammaRule`` is RelevancePropagation.jl's and differs on residual networks, see
 tests/test_presets_zennit.py), and squeeze-excitation gates with ``GradientRule`` (Zennit's
 plain gradient through ``scale * x``). Inputs: four seeded standard-normal 224x224 samples clipped
 to [-3, 3] (inside the ZBox bounds), not screened. Targets: the torch float32 argmax, given to
@@ -14,9 +14,10 @@ every run.
 Two comparisons per model, exporter, preset and batch size:
 
 * **float64, the math.** The torch model in float64 is exported (same exporter), compiled, and
-  the compiled graph is evaluated in float64 (``lrp_onnx.float64.run``); Zennit runs on the same
-  float64 model. Acceptance: relative L2 <= ``F64_REL`` (1e-6) and correlation >= 0.9999 per
-  sample. Measured (2026-11-26): <= 2.4e-10 on every model but mobilenet_v3_small (<= 5e-8:
+  the compiled graph is evaluated in float64 (``lrp_onnx.testing.float64.run``); Zennit runs on
+  the same float64 model. Acceptance: relative L2 <= ``F64_REL`` (1e-6) and correlation
+  >= 0.9999 per sample. Measured (2026-11-26): <= 2.4e-10 on every model but mobilenet_v3_small
+  (<= 5e-8:
   ONNX stores float attributes such as ``HardSigmoid``'s alpha = 1/6 in float32, so its float64
   forward already differs from torch's by ~1e-8).
 * **float32, the product.** The float32 export, compiled and run by ONNX Runtime (CPU EP),
@@ -55,7 +56,7 @@ pytest.importorskip("zennit")
 
 import lrp_onnx as L  # noqa: E402
 from cuda_kernels import cuda_gaps  # noqa: E402
-from lrp_onnx import float64, oracle, zoo  # noqa: E402
+from lrp_onnx.testing import float64, oracle, zoo  # noqa: E402
 
 SHAPE = (3, 224, 224)
 BATCH = 4

@@ -1,0 +1,23 @@
+"""The float element types lrp_onnx reads and writes, in one table.
+
+ONNX ``TensorProto`` codes, their byte sizes, their numpy dtypes (``bfloat16`` has none) and
+ONNX Runtime's type strings, so that no module keeps its own map.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+
+_T = onnx.TensorProto
+
+#: Bytes per element of every float type a model may store raw.
+FLOAT_ITEMSIZE: dict[int, int] = {_T.FLOAT: 4, _T.DOUBLE: 8, _T.FLOAT16: 2, _T.BFLOAT16: 2}
+#: numpy dtype of each float type numpy can hold (not bfloat16).
+NUMPY_FLOATS: dict[int, Any] = {_T.FLOAT: np.float32, _T.DOUBLE: np.float64,
+                                _T.FLOAT16: np.float16}
+#: ONNX Runtime's ``NodeArg.type`` strings of the same types.
+ORT_FLOATS: dict[str, Any] = {"tensor(float)": np.float32, "tensor(double)": np.float64,
+                              "tensor(float16)": np.float16}

@@ -1,0 +1,270 @@
+"""The reverse walk: seed relevance at the target logit, call each layer's emitter from the last
+layer to the first, accumulate at fan-out, and attach ``target``/``relevance`` to the model."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+from lrp_onnx.emit import ops  # noqa: F401  (fills the op registry)
+from lrp_onnx.emit.builder import Builder
+from lrp_onnx.emit.contract import (
+    AUDIT_PREFIX,
+    RECORD_KEY,
+    RELEVANCE,
+    TARGET,
+    _drop_contract_io,
+    per_layer_name,
+)
+from lrp_onnx.emit.optimizations import Optimizations
+from lrp_onnx.emit.registry import resolve_entries
+from lrp_onnx.emit.relevance_support import relu_covers
+from lrp_onnx.errors import UnsupportedModel
+from lrp_onnx.frontend.graph import Graph
+from lrp_onnx.frontend.layers import Layer
+from lrp_onnx.frontend.load import run_onnx_checker, shape_inference_error, skeleton
+from lrp_onnx.rules.core import Rule
+from lrp_onnx.version import __version__
+
+
+def _seed(b: Builder, graph: Graph, target: gs.Variable, normalize: bool) -> gs.Tensor:
+    """One-hot (value 1, or the logit itself) at ``target``; ``target < 0`` picks the argmax."""
+    logits = graph.logits
+    shape = graph.shape(logits)
+    if len(shape) != 2 or shape[1] is None:
+        raise UnsupportedModel(
+            f"{graph.label}: the explained value '{logits.name}' has shape {logits.shape}; "
+            "a [batch, classes] output with a static class count is required"
+        )
+    with b.scope("seed"):
+        best = b.op("ArgMax", logits, tag="argmax", axis=1, keepdims=0)
+        chosen = b.op("Where", b.op("Less", target, b.scalar(0, np.int64), tag="auto"), best,
+                      target, tag="target")
+        # ORT implements OneHot for float32 values only: build it there, cast to the model dtype.
+        values = b.const(np.array([0.0, 1.0]), "onehot_values", np.float32)
+        onehot = b.op("OneHot", chosen, b.ints([int(shape[1])]), values, tag="onehot", axis=-1)
+        if b.dtype != np.float32:
+            onehot = b.op("Cast", onehot, tag="onehot_cast",
+                          to=int(onnx.helper.np_dtype_to_tensor_dtype(b.dtype)))
+        if normalize:
+            return onehot
+        return b.op("Mul", onehot, logits, tag="logit")
+
+
+def _sum(b: Builder, values: list[gs.Tensor], tag: str) -> gs.Tensor:
+    if len(values) == 1:
+        return values[0]
+    return b.op("Sum", *values, tag=tag)
+
+
+def _add_output(graph: Graph, value: gs.Tensor, name: str, like: gs.Tensor) -> None:
+    if name in graph.tensors:
+        raise UnsupportedModel(f"{graph.label}: the model already has a value named '{name}', "
+                               "which the per-layer outputs need")
+    out = gs.Variable(name, dtype=like.dtype, shape=list(like.shape) if like.shape else None)
+    graph.gs.nodes.append(gs.Node("Identity", name=f"lrp/{name}", inputs=[value], outputs=[out]))
+    graph.gs.outputs.append(out)
+
+
+def compile_layers(graph: Graph, layers: Sequence[Layer], rules: Sequence[Rule], *,
+                   normalize_output_relevance: bool = True,
+                   model_meta: onnx.ModelProto | None = None,
+                   optimizations: Optimizations | None = None,
+                   per_layer: bool = False, audit: bool = False) -> onnx.ModelProto:
+    """Emit the relevance pass for ``layers`` with ``rules`` (aligned) into ``graph``.
+
+    Returns the compiled ``ModelProto``: original inputs plus ``target`` (int64 ``[N]``),
+    original outputs plus ``relevance`` (shape and dtype of the data input). ``per_layer``
+    adds the relevance each layer sends to each of its inputs as outputs (names from
+    :func:`per_layer_name`, first layer first, after ``relevance``); ``audit`` (used by
+    :mod:`lrp_onnx.check`) also adds, per layer, the relevance arriving at its output.
+    """
+    entries = resolve_entries(layers, rules, graph.label, graph.opset, graph.shape)
+    for name in (TARGET, RELEVANCE):
+        if name in graph.tensors:
+            raise UnsupportedModel(f"{graph.label}: the model already has a value named "
+                                   f"'{name}', which the compiled model's contract reserves")
+    b = Builder(graph, optimizations)
+    if b.options.relu_denominators:
+        b.relu_covers = relu_covers(graph, layers, rules)
+    batch = graph.data_input.shape[0]
+    target = gs.Variable(TARGET, dtype=np.int64, shape=[batch])
+    graph.gs.inputs.append(target)
+
+    pending: dict[str, list[gs.Tensor]] = {graph.logits.name: [_seed(b, graph, target,
+                                                                      normalize_output_relevance)]}
+    # per-layer outputs: (layer index, value, output name, shape like)
+    extra: list[tuple[int, gs.Tensor, str, gs.Tensor]] = []
+    for layer, rule, entry in zip(reversed(layers), reversed(rules), reversed(entries)):
+        outputs = layer.outputs if entry.multi_output else (layer.output,)
+        arrived = [pending.pop(t.name, None) for t in outputs]
+        if not any(arrived):
+            continue  # symbolic zero: nothing reaches this layer, so nothing is emitted
+        assert entry.emit is not None  # resolve_entries returns specs with emitters only
+        with b.scope(layer.name):
+            r_outs = [_sum(b, a, f"R_out{i}" if i else "R_out") if a else None
+                      for i, a in enumerate(arrived)]
+            r_ins = entry.emit(b, layer, rule, r_outs if entry.multi_output else r_outs[0])
+        if len(r_ins) != len(layer.inputs):
+            raise AssertionError(f"emitter for {layer.kind} returned {len(r_ins)} relevances "
+                                 f"for {len(layer.inputs)} inputs")
+        if audit:
+            for i, r_out in enumerate(r_outs):
+                if r_out is not None:
+                    suffix = f"_{i + 1}" if entry.multi_output else ""
+                    extra.append((layer.index, r_out, f"{AUDIT_PREFIX}{layer.index + 1}{suffix}",
+                                  outputs[i]))
+        for k, (x, r) in enumerate(zip(layer.inputs, r_ins)):
+            if r is not None:
+                b.expect_shape(r, x)
+                pending.setdefault(x.name, []).append(r)
+                if per_layer or audit:
+                    extra.append((layer.index, r, per_layer_name(layer, k, len(layer.inputs)), x))
+
+    x = graph.data_input
+    reached = pending.pop(x.name, [])
+    with b.scope("output"):
+        if reached:
+            final = _sum(b, reached, "sum")
+        else:  # no path carries relevance (all rules absorb it): an explicit zero map
+            final = b.op("Mul", b.op("Cast", x, to=onnx.TensorProto.BOOL, tag="nz"),
+                         b.scalar(0.0), tag="zero")
+    out = gs.Variable(RELEVANCE, dtype=x.dtype, shape=list(x.shape))
+    graph.gs.nodes.append(gs.Node("Identity", name="lrp/relevance", inputs=[final], outputs=[out]))
+    graph.gs.outputs.append(out)
+    for _, value, name, like in sorted(extra, key=lambda e: e[0]):  # stable: first layer first
+        _add_output(graph, value, name, like)
+    _drop_unread(graph)
+
+    model = _export(graph, model_meta, layers, rules, normalize_output_relevance)
+    _check(model, graph, b)
+    return model
+
+
+def _drop_unread(graph: Graph) -> None:
+    """Drop emitted nodes whose results nothing reads (a relevance ``x * s`` that a later layer
+    re-derived in another form, see :func:`lrp_onnx.emit.denominators.divide`); the model's own
+    nodes stay as they are."""
+    outputs = {t.name for t in graph.gs.outputs}
+    kept = []
+    for node in reversed(graph.gs.nodes):  # emission order is topological: readers come later
+        if node.name.startswith("lrp/") and not any(o.outputs or o.name in outputs
+                                                    for o in node.outputs):
+            node.inputs.clear()
+            node.outputs.clear()
+            continue
+        kept.append(node)
+    graph.gs.nodes = kept[::-1]
+
+
+def _export(graph: Graph, meta: onnx.ModelProto | None, layers: Sequence[Layer],
+            rules: Sequence[Rule], normalize: bool) -> onnx.ModelProto:
+    """The compiled model, built in the pipeline's private canonicalised copy of the input.
+
+    The nodes are re-exported from the graphsurgeon graph (forward nodes as they were, plus
+    the emitted ones); the initializers already in the model stay where they are and only the
+    emitted constants are appended, so no weight is copied (``gs.export_onnx`` would copy
+    every one).
+    """
+    model = graph.proto
+    g = model.graph
+    nodes = [OnnxExporter.export_node(n) for n in graph.gs.nodes]
+    for node in nodes:
+        props = graph.node_meta.get(node.name)
+        if props:
+            node.metadata_props.extend(props)
+    del g.node[:]
+    g.node.extend(nodes)
+    have = {t.name for t in g.initializer}
+    for tensor in graph.gs.tensors().values():
+        if isinstance(tensor, gs.Constant) and tensor.name not in have:
+            g.initializer.append(OnnxExporter.export_tensor_proto(tensor))
+    for protos, tensors in ((g.input, graph.gs.inputs), (g.output, graph.gs.outputs)):
+        present = {vi.name for vi in protos}
+        for t in tensors:
+            if t.name not in present:
+                protos.append(OnnxExporter.export_value_info_proto(t, do_type_check=True))
+    if meta is not None:
+        del model.opset_import[:]
+        model.opset_import.extend(meta.opset_import)
+    kept = [p for p in model.metadata_props if p.key != RECORD_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    record = {
+        "version": __version__,
+        "normalize_output_relevance": normalize,
+        "explained_output": graph.explained.name,
+        "logits": graph.logits.name,
+        "layers": [{"index": la.index + 1, "nodes": list(la.node_names), "rule": repr(r)}
+                   for la, r in zip(layers, rules)],
+    }
+    entry = model.metadata_props.add()
+    entry.key, entry.value = RECORD_KEY, json.dumps(record, sort_keys=True)
+    return model
+
+
+def _check(model: onnx.ModelProto, graph: Graph, b: Builder) -> None:
+    """``onnx.checker`` (weights not serialized) and the emitters' shape promises, on the
+    compiled model."""
+    try:
+        run_onnx_checker(model)
+    except onnx.checker.ValidationError as exc:  # pragma: no cover - emitter bug
+        raise AssertionError(f"compiled model fails onnx.checker: {exc}") from None
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model), strict_mode=True,
+                                                     data_prop=True)
+    except onnx.shape_inference.InferenceError as exc:
+        _input_at_fault(model, graph)
+        raise AssertionError(f"compiled model fails shape inference: {exc}") from None
+    shapes = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None
+                               for d in vi.type.tensor_type.shape.dim]
+    for rel, like in b.checks:
+        got = shapes.get(rel.name)
+        want = graph.shape(like)
+        if got is None:
+            continue
+        if len(got) != len(want) or any(g is not None and w is not None and g != w
+                                        for g, w in zip(got, want)):
+            _input_at_fault(model, graph)
+            raise AssertionError(f"relevance '{rel.name}' has shape {got}, expected {want} "
+                                 f"(shape of '{like.name}')")
+
+
+def _input_at_fault(model: onnx.ModelProto, graph: Graph) -> None:
+    """After a failed check of the compiled model: raise a clean error if the input model's own
+    nodes are at fault (it fails strict shape inference, or ONNX Runtime cannot run it on zeros);
+    return if the input is sound (the emitted nodes are wrong: an lrp_onnx bug)."""
+    # Every node of the input, even unused ones (``strip_compiled`` prunes those, and an
+    # unused node can be the one at fault): the emitted nodes are the ``lrp/`` ones.
+    original = onnx.ModelProto()
+    original.CopyFrom(model)
+    g = original.graph
+    kept = [n for n in g.node if not n.name.startswith("lrp/")]
+    del g.node[:]
+    g.node.extend(kept)
+    _drop_contract_io(g)
+    error = shape_inference_error(original)
+    if error is not None:
+        raise UnsupportedModel(f"{graph.label}: fails ONNX shape inference: {error}")
+    import onnxruntime as ort
+
+    x = graph.data_input
+    shape = [d if isinstance(d, int) and d > 0 else 1 for d in (x.shape or [])]
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4
+        session = ort.InferenceSession(original.SerializeToString(), opts,
+                                       providers=["CPUExecutionProvider"])
+        session.run(None, {x.name: np.zeros(shape, dtype=x.dtype)})
+    except Exception as exc:  # noqa: BLE001 - any failure says the input does not run
+        text = " ".join(str(exc).split())[:300]
+        raise UnsupportedModel(f"{graph.label}: the input model does not run in ONNX Runtime "
+                               f"(its shapes are inconsistent): {text}") from None

@@ -1,0 +1,12 @@
+"""The relevance emitters and op facts, one module per op family.
+
+Importing this package fills :data:`lrp_onnx.emit.registry.OP_SPECS` and seals it; the compiler
+imports it, so the registry is complete whenever ``lrp_onnx`` is imported.
+"""
+
+from lrp_onnx.emit.ops import activations, linear_ops, merge, other, pooling, structural
+from lrp_onnx.emit.registry import seal
+
+seal()
+
+__all__ = ["activations", "linear_ops", "merge", "other", "pooling", "structural"]

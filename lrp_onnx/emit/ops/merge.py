@@ -1,0 +1,98 @@
+"""Layers that merge values: ``Add``/``Sum`` of activations (residual connections)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from lrp_onnx.emit.builder import Builder
+from lrp_onnx.emit.denominators import divide
+from lrp_onnx.emit.registry import Kind, Sign, Support, emitter, spec_of
+from lrp_onnx.frontend.graph import Graph
+from lrp_onnx.frontend.layers import Layer
+from lrp_onnx.rules.core import Z_RULES, GradientRule, PassRule, Rule, rule_eps
+
+
+def unbroadcast(b: Builder, value: gs.Tensor, like: gs.Tensor, node_shape: list[int | None],
+                tag: str) -> gs.Tensor:
+    """Sum ``value`` (shaped like the node output) down to the shape of the input ``like``."""
+    shape = b.graph.shape(like)
+    rank = len(node_shape)
+    full = [1] * (rank - len(shape)) + list(shape)
+    axes = [i for i, (d, o) in enumerate(zip(full, node_shape)) if d == 1 and o != 1]
+    if axes:
+        value = b.op("ReduceSum", value, b.ints(axes), tag=f"{tag}/sum", keepdims=1)
+    if len(shape) != rank:
+        value = b.reshape_like(value, like, tag=f"{tag}/reshape")
+    return value
+
+
+#: Facts of the ops that combine data values elementwise.
+_MERGE: dict[str, Any] = {"kind": Kind.MERGE, "sign": Sign.PRESERVES,
+          "sign_condition": Graph.constant_operands_nonneg, "support": Support.PROPORTIONAL}
+
+
+@emitter("Add", "Sum", rules=Z_RULES, merges=True, **_MERGE)
+def add(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
+    """Proportional split ``R_i = x_i * R / stab(sum_j x_j)``; constant summands absorb theirs."""
+    node = layer.primary
+    y = node.outputs[0]
+    s = divide(b, r_out, y, rule_eps(rule))
+    out_shape = b.graph.shape(y, node)
+    result: list[gs.Tensor | None] = []
+    for i, x in enumerate(layer.inputs):
+        r = b.op("Mul", x, s, tag=f"R{i}")
+        result.append(unbroadcast(b, r, x, out_shape, tag=f"R{i}"))
+    return result
+
+
+def _is_gate(op: str) -> bool:
+    spec = spec_of(op)
+    return spec is not None and spec.gate
+
+
+def _gate_index(b: Builder, layer: Layer) -> int:
+    """Which of two data inputs of a ``Mul`` is the gate: the one a gate op (an op whose output
+    lies in [0, 1]: Sigmoid, HardSigmoid, Softmax) made, else the one with fewer elements (a
+    broadcast scale), else the second."""
+    a, c = layer.inputs
+    made = [b.graph.producer(t) for t in (a, c)]
+    gated = [p is not None and _is_gate(p.op) for p in made]
+    if gated[0] != gated[1]:
+        return 0 if gated[0] else 1
+    sizes = [b.graph.sample_shape(t, layer.primary) for t in (a, c)]
+    counts = [int(np.prod(s)) for s in sizes]
+    if counts[0] != counts[1]:
+        return 0 if counts[0] < counts[1] else 1
+    return 1
+
+
+@emitter("Mul", rules=(*Z_RULES, PassRule, GradientRule), **_MERGE)
+def mul(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
+    """A product ``x * g``: by default the gate ``g`` (a constant, or the Sigmoid/HardSigmoid
+    input of a squeeze-excitation block) is a weight and all relevance goes to ``x``: ZeroRule/
+    EpsilonRule ``R_x = x g R' / stab(x g)``, PassRule ``R_x = R'``. GradientRule gives Zennit's
+    plain gradient ``R_x = g R'``, ``R_g = x R'`` (relevance is not conserved)."""
+    node = layer.primary
+    y = node.outputs[0]
+    out_shape = b.graph.shape(y, node)
+    ins = list(layer.inputs)
+    if isinstance(rule, GradientRule):
+        result: list[gs.Tensor | None] = []
+        for i, x in enumerate(ins):
+            others = [t for t in node.inputs if t is not x]
+            other = others[0] if others else x  # x * x: d/dx = 2x, each input takes x R'
+            r = b.op("Mul", other, r_out, tag=f"R{i}")
+            result.append(unbroadcast(b, r, x, out_shape, tag=f"R{i}"))
+        return result
+    keep = 0 if len(ins) == 1 else 1 - _gate_index(b, layer)
+    x = ins[keep]
+    if isinstance(rule, PassRule):
+        r = r_out
+    else:
+        r = b.op("Mul", y, divide(b, r_out, y, rule_eps(rule)), tag="R")
+    result = [None] * len(ins)
+    result[keep] = unbroadcast(b, r, x, out_shape, tag="R")
+    return result

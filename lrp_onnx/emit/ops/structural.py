@@ -1,0 +1,185 @@
+"""Layers that only move values: reshapes, transposes, concatenation, slicing, padding, dropout
+and identity. Relevance is routed as the gradient routes it (no ops for identity-like layers);
+ZeroRule/EpsilonRule on them equal PassRule (RelevancePropagation.jl's fast path)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from lrp_onnx.emit.builder import Builder
+from lrp_onnx.emit.registry import Kind, Sign, Support, emitter
+from lrp_onnx.errors import UnsupportedAttribute, node_label
+from lrp_onnx.frontend.graph import Graph, attr, ints
+from lrp_onnx.frontend.layers import Layer, fmt_tuple
+from lrp_onnx.rules.core import ROUTING_RULES, Rule
+
+#: Facts shared by every op that moves values without changing them.
+_MOVES: dict[str, Any] = {"kind": Kind.RESHAPING, "rules": ROUTING_RULES, "sign": Sign.PRESERVES,
+          "support": Support.ROUTING}
+
+
+def _flatten_summary(graph: Graph, layer: Layer) -> str:
+    axis = int(attr(layer.primary, "axis", graph.opset, 1))
+    return "Flatten()" if axis == 1 else f"Flatten(axis={axis})"
+
+
+def _reshape_summary(graph: Graph, layer: Layer) -> str:
+    return f"Reshape({fmt_tuple(graph.shape(layer.output)[1:])})"  # type: ignore[arg-type]
+
+
+def _dropout_summary(graph: Graph, layer: Layer) -> str:
+    ratio = graph.optional_const(layer.primary, 1)
+    return f"Dropout({float(ratio) if ratio is not None else 0.5:g})"
+
+
+def _concat_summary(graph: Graph, layer: Layer) -> str:
+    return f"Concat(axis={int(attr(layer.primary, 'axis', graph.opset, 1))})"
+
+
+@emitter("Flatten", summary=_flatten_summary, groups=("ReshapingLayer",), **_MOVES)
+@emitter("Reshape", summary=_reshape_summary, groups=("ReshapingLayer",), **_MOVES)
+@emitter("Squeeze", "Unsqueeze", groups=("ReshapingLayer",), **_MOVES)
+def reshape(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
+    """``R = reshape(R', shape(x))``."""
+    x = layer.inputs[0]
+    if layer.primary.inputs[0] is not x:
+        raise UnsupportedAttribute(f"node {node_label(layer.name, layer.kind)}: the shape "
+                                   "input depends on the data")
+    return [b.reshape_like(r_out, x, tag="R")]
+
+
+@emitter("Transpose", groups=("ReshapingLayer",), **_MOVES)
+def transpose(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
+    """``R = Transpose(R', inverse(perm))``."""
+    rank = len(b.graph.shape(layer.inputs[0], layer.primary))
+    perm = ints(attr(layer.primary, "perm", b.graph.opset, None)) or list(range(rank))[::-1]
+    inverse = [0] * rank
+    for i, p in enumerate(perm):
+        inverse[p] = i
+    return [b.op("Transpose", r_out, tag="R", perm=inverse)]
+
+
+@emitter("Identity", kind=Kind.IDENTITY, rules=ROUTING_RULES, sign=Sign.PRESERVES,
+         support=Support.ROUTING, head=True, summary=lambda graph, layer: "identity")
+def identity(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
+    """``R = R'``: the identity passes relevance unchanged (Zennit's Pass)."""
+    return [r_out]
+
+
+@emitter("Dropout", kind=Kind.IDENTITY, rules=ROUTING_RULES, sign=Sign.PRESERVES,
+         support=Support.ROUTING, groups=("DropoutLayer",), summary=_dropout_summary)
+def dropout(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
+    """``R = R'`` for inference-mode Dropout; a ``training_mode`` that may be true is refused."""
+    node, g = layer.primary, b.graph
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        mode = g.const_value(node.inputs[2])
+        if mode is None or bool(mode):
+            raise UnsupportedAttribute(f"node {node_label(node.name, node.op, g.opset)}: "
+                                       "Dropout in training mode is random; export in eval mode")
+    return [r_out]
+
+
+@emitter("Concat", merges=True, sign_condition=Graph.constant_operands_nonneg,
+         summary=_concat_summary, **_MOVES)
+def concat(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
+    """Each input gets back the slice of ``R'`` it produced (constant inputs absorb theirs)."""
+    node, g = layer.primary, b.graph
+    rank = len(g.shape(node.outputs[0], node))
+    axis = int(attr(node, "axis", g.opset, 0)) % rank
+    sizes = [g.shape(t, node)[axis] for t in node.inputs]
+    if any(s is None for s in sizes):
+        raise UnsupportedAttribute(f"node {node_label(node.name, node.op, g.opset)}: Concat "
+                                   "along a dynamic axis")
+    parts = b.op("Split", r_out, b.ints([int(s) for s in sizes]), tag="R",  # type: ignore[arg-type]
+                 outputs=len(sizes), axis=axis)
+    parts = parts if isinstance(parts, list) else [parts]
+    return [p for t, p in zip(node.inputs, parts) if t.name in g.data]
+
+
+def _const_ints(b: Builder, layer: Layer, index: int, what: str) -> list[int] | None:
+    node = layer.primary
+    if len(node.inputs) <= index or not node.inputs[index].name:
+        return None
+    value = b.graph.const_value(node.inputs[index])
+    if value is None:
+        raise UnsupportedAttribute(f"node {node_label(node.name, node.op, b.graph.opset)}: "
+                                   f"{what} must be a constant")
+    return [int(v) for v in np.ravel(value)]
+
+
+def _pad_value_nonneg(graph: Graph, node: gs.Node) -> bool:
+    """A constant pad value that is ``>= 0`` (0 when absent) keeps a non-negative input so."""
+    if len(node.inputs) <= 2 or not node.inputs[2].name:
+        return True
+    value = graph.const_value(node.inputs[2])
+    return value is not None and bool(np.all(value >= 0))
+
+
+@emitter("Pad", sign_condition=_pad_value_nonneg, **_MOVES)
+def pad(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
+    """Constant padding: each input element gets its own output's relevance (the padding's
+    relevance is dropped, as the gradient drops it)."""
+    node, g = layer.primary, b.graph
+    mode = attr(node, "mode", g.opset, "constant")
+    if mode != "constant":
+        raise UnsupportedAttribute(f"node {node_label(node.name, node.op, g.opset)}: "
+                                   f"mode={mode!r} (only 'constant' is supported)")
+    x = layer.inputs[0]
+    rank = len(g.shape(x, node))
+    pads = _const_ints(b, layer, 1, "pads") or ints(attr(node, "pads", g.opset, None))
+    axes = _const_ints(b, layer, 3, "axes") or list(range(rank))
+    axes = [a % rank for a in axes]
+    begins, ends = pads[:len(axes)], pads[len(axes):]
+    if any(p < 0 for p in pads):
+        raise UnsupportedAttribute(f"node {node_label(node.name, node.op, g.opset)}: negative "
+                                   "pads (cropping) are not supported")
+    dims = g.shape(node.outputs[0], node)
+    starts = [begins[i] for i in range(len(axes))]
+    stops = []
+    for i, a in enumerate(axes):
+        size = dims[a]
+        stops.append(size - ends[i] if size is not None else (-ends[i] if ends[i] else 2**62))
+    return [b.op("Slice", r_out, b.ints(starts), b.ints(stops), b.ints(axes), tag="R")]
+
+
+@emitter("Slice", **_MOVES)
+def slice_(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
+    """Each input element that was sliced out gets its relevance back; the others get none."""
+    node, g = layer.primary, b.graph
+    x = layer.inputs[0]
+    shape = g.shape(x, node)
+    rank = len(shape)
+    starts = _const_ints(b, layer, 1, "starts") or []
+    stops = _const_ints(b, layer, 2, "ends") or []
+    axes = _const_ints(b, layer, 3, "axes") or list(range(len(starts)))
+    steps = _const_ints(b, layer, 4, "steps") or [1] * len(starts)
+    if any(s != 1 for s in steps):
+        raise UnsupportedAttribute(f"node {node_label(node.name, node.op, g.opset)}: steps "
+                                   f"{steps} (only 1 is supported)")
+    before, after = [0] * rank, [0] * rank
+    for start, stop, axis in zip(starts, stops, axes):
+        axis %= rank
+        size = shape[axis]
+        if size is None:
+            raise UnsupportedAttribute(f"node {node_label(node.name, node.op, g.opset)}: "
+                                       "slicing a dynamic axis")
+        lo = min(max(start + size if start < 0 else start, 0), size)
+        hi = min(max(stop + size if stop < 0 else stop, 0), size)
+        before[axis], after[axis] = lo, size - max(hi, lo)
+    return [b.op("Pad", r_out, b.ints(before + after), tag="R", mode="constant")]
+
+
+@emitter("Split", multi_output=True, **_MOVES)
+def split(b: Builder, layer: Layer, rule: Rule, r_out: Any) -> list[gs.Tensor | None]:
+    """The input gets the concatenated relevance of the parts (zeros for parts no relevance
+    reached)."""
+    node, g = layer.primary, b.graph
+    rank = len(g.shape(layer.inputs[0], node))
+    axis = int(attr(node, "axis", g.opset, 0)) % rank
+    parts = [r if r is not None else b.zeros_like(out, tag=f"zeros{i}")
+             for i, (r, out) in enumerate(zip(r_out, layer.outputs))]
+    return [b.op("Concat", *parts, tag="R", axis=axis)]
+

@@ -1,0 +1,323 @@
+"""The layer view: the model's relevance path as an ordered list of layers.
+
+A layer is a matched op pattern with one output, e.g. ``Conv [+ BatchNormalization] [+ Relu]``,
+``MatMul + Add(const) [+ activation]``, ``MaxPool``, ``Flatten``. Rules are assigned per layer, the
+way RelevancePropagation.jl assigns them per Flux layer: an activation that directly follows a
+Conv/Gemm/MatMul belongs to that layer (``Conv((3, 3), 3 => 8, relu, pad=1)``) and its relevance
+passes through it unchanged (the rule acts on the pre-activation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from lrp_onnx.emit.registry import Kind, is_kind, spec_of
+from lrp_onnx.frontend.graph import Graph, attr
+
+
+@dataclass(eq=False)
+class Layer:
+    """One layer of the flattened model.
+
+    Attributes:
+        index: 0-based position in the flat layer list (displayed 1-based, as on the seed page).
+        kind: op type of the primary node (``"Conv"``, ``"Gemm"``, ``"MaxPool"``, ...).
+        primary: the node the layer is named after.
+        nodes: every node the layer covers, primary first.
+        inputs: data inputs of the layer (relevance is returned for these).
+        output: the layer's output value (relevance arrives here).
+        pre_activation: the value before a folded activation (``output`` when there is none).
+        bias_add: a folded ``Add(const)`` after MatMul/Gemm/Conv, if any.
+        batchnorm: a folded ``BatchNormalization``, if any.
+        activation: the last node of a folded activation, if any.
+        act_name: display name of the activation (folded or standalone), e.g. ``relu``.
+        outputs: every output of a multi-output layer (``Split``); else ``(output,)``.
+        scope: module path recorded by the exporter (``()`` if none).
+    """
+
+    index: int
+    kind: str
+    primary: gs.Node
+    nodes: tuple[gs.Node, ...]
+    inputs: tuple[gs.Tensor, ...]
+    output: gs.Tensor
+    pre_activation: gs.Tensor
+    bias_add: gs.Node | None = None
+    batchnorm: gs.Node | None = None
+    activation: gs.Node | None = None
+    scope: tuple[str, ...] = ()
+    summary: str = field(default="")
+    act_name: str | None = None
+    outputs: tuple[gs.Tensor, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """Name of the primary node (unique in the model)."""
+        return str(self.primary.name)
+
+    @property
+    def node_names(self) -> tuple[str, ...]:
+        return tuple(str(n.name) for n in self.nodes)
+
+    def __repr__(self) -> str:
+        return f"Layer({self.index + 1}, {self.summary}, nodes={list(self.node_names)})"
+
+
+def _sole_consumer(graph: Graph, t: gs.Tensor) -> gs.Node | None:
+    cons = graph.consumers(t)
+    if len(cons) != 1 or graph.is_graph_output(t) or t.name == graph.logits.name:
+        return None
+    return cons[0]
+
+
+def _is_const_bias_add(graph: Graph, node: gs.Node, value: gs.Tensor) -> bool:
+    if node.op != "Add" or len(node.inputs) != 2:
+        return False
+    other = node.inputs[1] if node.inputs[0] is value else node.inputs[0]
+    const = graph.const_value(other)
+    if const is None:
+        return False
+    out_shape = graph.shape(value)
+    if const.ndim > len(out_shape):
+        return False
+    # The constant may vary along the feature axis only (last for dense, 1 for conv).
+    feat_axis = 1 if len(out_shape) > 2 and _conv_like(graph, value) else len(out_shape) - 1
+    lead = len(out_shape) - const.ndim
+    for i, d in enumerate(const.shape):
+        axis = lead + i
+        if d != 1 and axis != feat_axis:
+            return False
+    return True
+
+
+def _conv_like(graph: Graph, value: gs.Tensor) -> bool:
+    producer = graph.producer(value)
+    return producer is not None and producer.op == "Conv"
+
+
+def _is_inference_bn(graph: Graph, node: gs.Node) -> bool:
+    if node.op != "BatchNormalization" or len(node.outputs) != 1:
+        return False
+    if int(attr(node, "training_mode", graph.opset, 0) or 0) != 0:
+        return False
+    return all(graph.is_const(t) for t in node.inputs[1:5])
+
+
+@dataclass(frozen=True)
+class Activation:
+    """A matched activation: its nodes, output value and display name (``relu``, ``silu``)."""
+
+    nodes: tuple[gs.Node, ...]
+    output: gs.Tensor
+    kind: str
+    name: str
+
+
+def _near(value: np.ndarray | None, target: float) -> bool:
+    return value is not None and value.size == 1 and abs(float(value.ravel()[0]) - target) < 1e-4
+
+
+def _const_other(graph: Graph, node: gs.Node, value: gs.Tensor) -> np.ndarray | None:
+    """The constant operand of a two-input node whose other operand is ``value``."""
+    if len(node.inputs) != 2 or value not in node.inputs:
+        return None
+    other = node.inputs[1] if node.inputs[0] is value else node.inputs[0]
+    return graph.const_value(other)
+
+
+def _only_into(graph: Graph, value: gs.Tensor, op: str) -> gs.Node | None:
+    """The single consumer of an internal ``value`` if it is an ``op`` node."""
+    cons = graph.consumers(value)
+    if len(cons) != 1 or cons[0].op != op or graph.is_graph_output(value) or \
+            value.name == graph.logits.name:
+        return None
+    return cons[0]
+
+
+def _silu(graph: Graph, x: gs.Tensor) -> Activation | None:
+    """``Mul(x, Sigmoid(x))`` (torch exports SiLU/Swish so)."""
+    for sig in graph.consumers(x):
+        if sig.op != "Sigmoid":
+            continue
+        mul = _only_into(graph, sig.outputs[0], "Mul")
+        if mul is not None and {t.name for t in mul.inputs} == {x.name, sig.outputs[0].name}:
+            return Activation((sig, mul), mul.outputs[0], "SiLU", "silu")
+    return None
+
+
+def _gelu_erf(graph: Graph, x: gs.Tensor) -> Activation | None:
+    """``0.5 * x * (1 + Erf(x / sqrt(2)))`` in either multiplication order (legacy exports)."""
+    for scale in graph.consumers(x):
+        c = _const_other(graph, scale, x)
+        if not ((scale.op == "Div" and scale.inputs[0] is x and _near(c, 2 ** 0.5)) or
+                (scale.op == "Mul" and _near(c, 2 ** -0.5))):
+            continue
+        erf = _only_into(graph, scale.outputs[0], "Erf")
+        if erf is None:
+            continue
+        add = _only_into(graph, erf.outputs[0], "Add")
+        if add is None or not _near(_const_other(graph, add, erf.outputs[0]), 1.0):
+            continue
+        one_plus = add.outputs[0]
+        mul = _only_into(graph, one_plus, "Mul")
+        if mul is None:
+            continue
+        product: gs.Tensor = mul.outputs[0]
+        other = mul.inputs[1] if mul.inputs[0] is one_plus else mul.inputs[0]
+        if other is x:  # (x * (1 + erf)) * 0.5
+            half = _only_into(graph, mul.outputs[0], "Mul")
+            if half is not None and _near(_const_other(graph, half, mul.outputs[0]), 0.5):
+                return Activation((scale, erf, add, mul, half), half.outputs[0], "Gelu", "gelu")
+        else:  # (x * 0.5) * (1 + erf)
+            half2 = graph.producer(other)
+            if half2 is not None and half2.op == "Mul" and x in half2.inputs and \
+                    _near(_const_other(graph, half2, x), 0.5) and \
+                    _only_into(graph, other, "Mul") is mul:
+                return Activation((scale, erf, add, half2, mul), product, "Gelu", "gelu")
+    return None
+
+
+def match_activation(graph: Graph, x: gs.Tensor, *, exclusive: bool) -> Activation | None:
+    """An activation applied to ``x``: one node of an op of kind ``ACTIVATION`` (see
+    :class:`lrp_onnx.emit.registry.Kind`) or a SiLU / Erf-GELU decomposition. With
+    ``exclusive``, ``x`` must feed nothing else (to fold it into a layer)."""
+    if graph.is_graph_output(x) or x.name == graph.logits.name:
+        return None
+    cons = graph.consumers(x)
+    for pattern in (_silu, _gelu_erf):
+        act = pattern(graph, x)
+        if act is not None and (not exclusive or all(c in act.nodes for c in cons)):
+            return act
+    for node in cons:
+        if is_kind(node.op, Kind.ACTIVATION) and graph.data_inputs(node) == [x] and \
+                (not exclusive or len(cons) == 1):
+            return Activation((node,), node.outputs[0], node.op, act_name(graph, node) or "")
+    return None
+
+
+def build_layers(graph: Graph) -> list[Layer]:
+    """Group ``graph.nodes`` (the relevance path) into layers, in topological order."""
+    taken: set[str] = set()
+    layers: list[Layer] = []
+    for node in graph.nodes:
+        if node.name in taken:
+            continue
+        nodes = [node]
+        kind = node.op
+        spec = spec_of(node.op)
+        absorbs = spec.absorbs if spec is not None else frozenset()
+        bias_add = bn = None
+        act: Activation | None = None
+        out = node.outputs[0]
+        data_in = graph.data_inputs(node)
+        standalone = match_activation(graph, data_in[0], exclusive=False) if data_in else None
+        if standalone is not None and node in standalone.nodes and \
+                not any(n.name in taken for n in standalone.nodes):
+            # a multi-node activation (SiLU, Erf-GELU) is one layer of its own
+            nodes, kind, out = list(standalone.nodes), standalone.kind, standalone.output
+            act = standalone
+            pre = out
+        elif "bias" in absorbs and len(node.inputs) > 1 and \
+                graph.is_const(node.inputs[1]) and node.inputs[0].name in graph.data:
+            nxt = _sole_consumer(graph, out)
+            if nxt is not None and _is_const_bias_add(graph, nxt, out):
+                bias_add, out = nxt, nxt.outputs[0]
+                nodes.append(nxt)
+                nxt = _sole_consumer(graph, out)
+            if nxt is not None and "batchnorm" in absorbs and _is_inference_bn(graph, nxt) and \
+                    nxt.inputs[0] is out:
+                bn, out = nxt, nxt.outputs[0]
+                nodes.append(nxt)
+            pre = out
+            act = match_activation(graph, out, exclusive=True)
+        elif _is_inference_bn(graph, node):
+            # a standalone BatchNormalization (e.g. DenseNet's pre-activation BN): an affine
+            # layer that, like Flux's BatchNorm(C, relu), owns a directly following activation
+            pre = out
+            act = match_activation(graph, out, exclusive=True)
+        else:
+            pre = out
+        if act is not None and kind == node.op and not is_kind(node.op, Kind.ACTIVATION):
+            nodes += [n for n in act.nodes if n not in nodes]
+            out = act.output
+        outputs = (out,)
+        data_outs = [t for t in node.outputs if t.name in graph.data]
+        if len(data_outs) > 1 and node.op != "MaxPool":
+            if len(nodes) > 1:  # pragma: no cover - no multi-output op starts a pattern
+                raise AssertionError(node.name)
+            outputs = tuple(data_outs)
+        taken.update(n.name for n in nodes)
+        layer = Layer(
+            index=len(layers), kind=kind, primary=node, nodes=tuple(nodes),
+            inputs=tuple(graph.data_inputs(node)), output=out, pre_activation=pre,
+            bias_add=bias_add, batchnorm=bn,
+            activation=act.nodes[-1] if act is not None and kind == node.op else None,
+            act_name=act.name if act is not None else None,
+            scope=graph.scopes.get(node.name, ()), outputs=outputs,
+        )
+        layer.summary = summarize(graph, layer)
+        layers.append(layer)
+    return layers
+
+
+# -- summaries (Flux-style, as on the seed page) --------------------------------------------------
+def fmt_tuple(values: list[int]) -> str:
+    """Julia's tuple spelling: ``(3, 3)``, ``(2,)``."""
+    return "(" + ", ".join(str(v) for v in values) + ("," if len(values) == 1 else "") + ")"
+
+
+def act_name(graph: Graph, node: gs.Node | None) -> str | None:
+    """The display name of an activation node (its op's ``display`` fact, else the op in lower
+    case): ``relu``, ``relu6``, ``sigmoid``."""
+    if node is None:
+        return None
+    spec = spec_of(str(node.op))
+    display = spec.display if spec is not None else None
+    if callable(display):
+        return display(graph, node)
+    return display or str(node.op).lower()
+
+
+def window_args(graph: Graph, node: gs.Node, kernel: list[int],
+                default_stride: list[int]) -> list[str]:
+    """``pad=...``, ``stride=...``, ``dilation=...`` of a windowed op where they differ from
+    the defaults (``default_stride``: ``1`` for convolutions, the kernel for pools)."""
+    args = []
+    auto_pad = attr(node, "auto_pad", graph.opset, "NOTSET")
+    pads = list(attr(node, "pads", graph.opset, None) or [])
+    strides = list(attr(node, "strides", graph.opset, None) or [])
+    dilations = list(attr(node, "dilations", graph.opset, None) or [])
+    if auto_pad not in ("NOTSET", "VALID"):
+        args.append(f"pad={auto_pad}")
+    elif pads and any(pads):
+        half = len(pads) // 2
+        if len(set(pads)) == 1:
+            args.append(f"pad={pads[0]}")
+        elif pads[:half] == pads[half:]:
+            args.append(f"pad={fmt_tuple(pads[:half])}")
+        else:
+            args.append(f"pad={fmt_tuple(pads)}")
+    if strides and strides != default_stride:
+        args.append(f"stride={strides[0] if len(set(strides)) == 1 else fmt_tuple(strides)}")
+    if dilations and any(d != 1 for d in dilations):
+        args.append(
+            f"dilation={dilations[0] if len(set(dilations)) == 1 else fmt_tuple(dilations)}")
+    return args
+
+
+def summarize(graph: Graph, layer: Layer) -> str:
+    """A one-line description in Flux's style (``Conv((3, 3), 3 => 8, relu, pad=1)``) from the
+    op's ``summary`` fact; ``Op()`` for ops without one."""
+    node = layer.primary
+    if layer.kind != node.op:  # a multi-node activation pattern (SiLU, Erf-GELU)
+        return layer.act_name or layer.kind.lower()
+    spec = spec_of(str(node.op))
+    if spec is not None and spec.summary is not None:
+        try:
+            return spec.summary(graph, layer)
+        except (TypeError, IndexError, ValueError):
+            pass
+    return f"{node.op}()"
