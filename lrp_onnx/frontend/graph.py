@@ -231,6 +231,19 @@ class Graph:
             return None
         return node.inputs[index]
 
+    def const_ints(self, node: gs.Node, index: int, what: str) -> list[int] | None:
+        """The integers of the optional input ``index`` (axes, pads, starts...); ``None`` when
+        it is absent; ``UnsupportedAttribute`` naming the node when it is computed at run
+        time."""
+        t = self.optional_input(node, index)
+        if t is None:
+            return None
+        value = self.const_value(t)
+        if value is None:
+            raise UnsupportedAttribute(f"node {node_label(node.name, node.op, self.opset)}: "
+                                       f"{what} must be a constant")
+        return [int(v) for v in np.ravel(value)]
+
     def optional_const(self, node: gs.Node, index: int) -> np.ndarray | None:
         """The value of the optional input ``index`` of ``node``; ``None`` when it is absent or
         not a constant."""

@@ -133,7 +133,7 @@ class ConvOp(LinearOp):
         channels = int(w.shape[0])
         scale: np.ndarray | None = None
         bias: np.ndarray | None = None
-        if len(node.inputs) > 2 and node.inputs[2].name:
+        if g.optional_input(node, 2) is not None:
             if not isinstance(node.inputs[2], gs.Constant):
                 raise UnsupportedOp(f"node {node_label(node.name, node.op, g.opset)}: bias is "
                                     "not a constant")
@@ -243,7 +243,7 @@ class GemmOp(LinearOp):
         channels = int(w.shape[0] if self.trans_b else w.shape[1])
         scale: np.ndarray | None = None
         bias: np.ndarray | None = None
-        if len(node.inputs) > 2 and node.inputs[2].name:
+        if g.optional_input(node, 2) is not None:
             c = node.inputs[2]
             if not isinstance(c, gs.Constant):
                 raise UnsupportedOp(f"node {node_label(node.name, node.op, g.opset)}: C is "
@@ -397,7 +397,7 @@ def _conv_summary(graph: Graph, layer: Layer) -> str:
     parts += window_args(graph, node, kernel, default_stride=[1] * len(kernel))
     if group != 1:
         parts.append(f"groups={group}")
-    if (len(node.inputs) < 3 or not node.inputs[2].name) and layer.bias_add is None \
+    if graph.optional_input(node, 2) is None and layer.bias_add is None \
             and layer.batchnorm is None:
         parts.append("bias=false")
     if layer.batchnorm is not None:
@@ -415,7 +415,7 @@ def _dense_summary(graph: Graph, layer: Layer) -> str:
     parts = [f"{n_in} => {n_out}"]
     if act:
         parts.append(act)
-    has_c = op == "Gemm" and len(node.inputs) > 2 and bool(node.inputs[2].name)
+    has_c = op == "Gemm" and graph.optional_input(node, 2) is not None
     if not (layer.bias_add is not None or layer.batchnorm is not None or has_c):
         parts.append("bias=false")
     return f"Dense({', '.join(parts)})"

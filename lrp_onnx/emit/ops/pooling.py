@@ -37,8 +37,8 @@ def _window_summary(graph: Graph, layer: Layer) -> str:
 def _reduce_summary(graph: Graph, layer: Layer) -> str:
     node = layer.primary
     axes = attr(node, "axes", graph.opset, None)
-    if axes is None and len(node.inputs) > 1 and node.inputs[1].name:
-        value = graph.const_value(node.inputs[1])
+    if axes is None:
+        value = graph.optional_const(node, 1)
         axes = [] if value is None else [int(a) for a in np.ravel(value)]
     return f"{node.op}(axes={fmt_tuple(list(axes or []))})"
 
@@ -158,12 +158,8 @@ def reduce_mean(b: Builder, layer: Layer, rule: Rule,
                                 "noop_with_empty_axes": (0,)})
     rank = len(g.shape(layer.inputs[0], node))
     axes = attr(node, "axes", g.opset, None)
-    if axes is None and len(node.inputs) > 1 and node.inputs[1].name:
-        value = g.const_value(node.inputs[1])
-        if value is None:
-            raise UnsupportedAttribute(f"node {node_label(node.name, node.op, g.opset)}: axes "
-                                       "must be constant")
-        axes = [int(a) for a in np.ravel(value)]
+    if axes is None:
+        axes = g.const_ints(node, 1, "axes")
     axes = sorted(int(a) % rank for a in (axes if axes is not None else range(rank)))
     if 0 in axes:
         raise UnsupportedAttribute(f"node {node_label(node.name, node.op, g.opset)}: reducing "

@@ -74,8 +74,8 @@ def identity(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.
 def dropout(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
     """``R = R'`` for inference-mode Dropout; a ``training_mode`` that may be true is refused."""
     node, g = layer.primary, b.graph
-    if len(node.inputs) > 2 and node.inputs[2].name:
-        mode = g.const_value(node.inputs[2])
+    if g.optional_input(node, 2) is not None:
+        mode = g.optional_const(node, 2)
         if mode is None or bool(mode):
             raise UnsupportedAttribute(f"node {node_label(node.name, node.op, g.opset)}: "
                                        "Dropout in training mode is random; export in eval mode")
@@ -99,22 +99,11 @@ def concat(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Te
     return [p for t, p in zip(node.inputs, parts) if t.name in g.data]
 
 
-def _const_ints(b: Builder, layer: Layer, index: int, what: str) -> list[int] | None:
-    node = layer.primary
-    if len(node.inputs) <= index or not node.inputs[index].name:
-        return None
-    value = b.graph.const_value(node.inputs[index])
-    if value is None:
-        raise UnsupportedAttribute(f"node {node_label(node.name, node.op, b.graph.opset)}: "
-                                   f"{what} must be a constant")
-    return [int(v) for v in np.ravel(value)]
-
-
 def _pad_value_nonneg(graph: Graph, node: gs.Node) -> bool:
     """A constant pad value that is ``>= 0`` (0 when absent) keeps a non-negative input so."""
-    if len(node.inputs) <= 2 or not node.inputs[2].name:
+    if graph.optional_input(node, 2) is None:
         return True
-    value = graph.const_value(node.inputs[2])
+    value = graph.optional_const(node, 2)
     return value is not None and bool(np.all(value >= 0))
 
 
@@ -129,8 +118,8 @@ def pad(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tenso
                                    f"mode={mode!r} (only 'constant' is supported)")
     x = layer.inputs[0]
     rank = len(g.shape(x, node))
-    pads = _const_ints(b, layer, 1, "pads") or ints(attr(node, "pads", g.opset, None))
-    axes = _const_ints(b, layer, 3, "axes") or list(range(rank))
+    pads = g.const_ints(node, 1, "pads") or ints(attr(node, "pads", g.opset, None))
+    axes = g.const_ints(node, 3, "axes") or list(range(rank))
     axes = [a % rank for a in axes]
     begins, ends = pads[:len(axes)], pads[len(axes):]
     if any(p < 0 for p in pads):
@@ -152,10 +141,10 @@ def slice_(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Te
     x = layer.inputs[0]
     shape = g.shape(x, node)
     rank = len(shape)
-    starts = _const_ints(b, layer, 1, "starts") or []
-    stops = _const_ints(b, layer, 2, "ends") or []
-    axes = _const_ints(b, layer, 3, "axes") or list(range(len(starts)))
-    steps = _const_ints(b, layer, 4, "steps") or [1] * len(starts)
+    starts = g.const_ints(node, 1, "starts") or []
+    stops = g.const_ints(node, 2, "ends") or []
+    axes = g.const_ints(node, 3, "axes") or list(range(len(starts)))
+    steps = g.const_ints(node, 4, "steps") or [1] * len(starts)
     if any(s != 1 for s in steps):
         raise UnsupportedAttribute(f"node {node_label(node.name, node.op, g.opset)}: steps "
                                    f"{steps} (only 1 is supported)")
