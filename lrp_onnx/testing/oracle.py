@@ -465,8 +465,8 @@ def vgg16_inputs(directory: str | os.PathLike[str], model: Any | None = None) ->
     """The four 224x224 samples every VGG16 oracle test uses (drawn once per test session).
 
     ``well_conditioned_inputs`` with seed 1, screened by :func:`rounding_sensitivity` under
-    Zennit's EpsilonPlusFlat only: a float64 Zennit VGG16 pass costs ~5 s per sample on two
-    cores, and the ill-conditioning met on VGG16 (max-pool near-ties, dense units near zero)
+    Zennit's EpsilonPlusFlat only: a float64 Zennit VGG16 pass is slow (seconds per sample on
+    the 2-core CI machine), and the ill-conditioning met on VGG16 (max-pool near-ties, dense units near zero)
     does not depend on the conv rule. ``model`` defaults to ``vgg16(seed=0)``.
     """
     def draw() -> np.ndarray:
