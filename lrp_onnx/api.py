@@ -65,9 +65,11 @@ def _meta_only(model: onnx.ModelProto) -> onnx.ModelProto:
     return meta
 
 
-def prepare(model: Any, output: str | None = None, opset: int | None = None) -> Prepared:
+def prepare(model: Any, output: str | None = None, opset: int | None = None,
+            input: str | None = None) -> Prepared:
     """Load, canonicalise and build the layer view of ``model`` (a path, a ``ModelProto`` or a
-    :class:`FlatModel`, whose layers form one flat chain); ``opset`` converts it first."""
+    :class:`FlatModel`, whose layers form one flat chain); ``opset`` converts it first;
+    ``input`` names the float input to explain (needed where there are several)."""
     flat = isinstance(model, FlatModel)
     if flat:
         model = model.source
@@ -76,7 +78,7 @@ def prepare(model: Any, output: str | None = None, opset: int | None = None) -> 
     with labelled(label):
         proto = run_passes(proto, label, opset=opset)
         meta = _meta_only(proto)
-        graph = Graph(proto, label, output)
+        graph = Graph(proto, label, output, input)
         graph.check_weights()
         del proto
         layers = build_layers(graph)
@@ -152,25 +154,28 @@ class FlatModel(ChainTuple):
         return ["Chain(", *super().lines(item)[1:]]
 
 
-def flatten_model(model: Any) -> FlatModel:
+def flatten_model(model: Any, *, input: str | None = None) -> FlatModel:
     """The model's layers as one flat chain (RelevancePropagation.jl's ``flatten_model``).
 
     ``LRP``, ``lrp_rules`` and ``show_layer_indices`` accept the result; positions then count
-    along the flat chain.
+    along the flat chain. ``input``: the explained input, as for :class:`LRP` (pass it to
+    ``LRP`` too).
     """
-    prep = prepare(model)
+    prep = prepare(model, input=input)
     return FlatModel(model.source if isinstance(model, FlatModel) else model, prep.layers)
 
 
-def show_layer_indices(model: Any) -> _RuleTuple:
-    """The nested index of every layer, in the model's structure (``ChainTuple((1, 1), ...)``)."""
-    prep = prepare(model)
+def show_layer_indices(model: Any, *, input: str | None = None) -> _RuleTuple:
+    """The nested index of every layer, in the model's structure (``ChainTuple((1, 1), ...)``);
+    ``input``: the explained input, as for :class:`LRP`."""
+    prep = prepare(model, input=input)
     return prep.tree.map(lambda layer: prep.indices[layer.index])
 
 
-def lrp_rules(model: Any, composite: Composite) -> _RuleTuple:
-    """The rule ``composite`` assigns to each layer, in the model's structure, without compiling."""
-    prep = prepare(model)
+def lrp_rules(model: Any, composite: Composite, *, input: str | None = None) -> _RuleTuple:
+    """The rule ``composite`` assigns to each layer, in the model's structure, without compiling;
+    ``input``: the explained input, as for :class:`LRP`."""
+    prep = prepare(model, input=input)
     rules = assign_rules(prep, composite)
     return prep.tree.map(lambda layer: rules[layer.index])
 
@@ -187,7 +192,17 @@ class LRP:
             keeps the model's nesting (printing, nested rules).
         normalize_output_relevance: seed relevance 1 at the target (True, the default as in
             RelevancePropagation.jl and Zennit's usual use) or the target's logit (False).
+            It is about the one-hot ``target`` seed: with ``output_relevance=True`` the given
+            seed is used as it is, and ``False`` is refused.
         output: name of the graph output to explain (default: the first).
+        output_relevance: seed with an explicit tensor instead of the one-hot ``target``: the
+            compiled model takes a float input ``output_relevance`` shaped like the explained
+            output (its dtype, dynamic dims kept) and has no ``target`` input. Any output rank
+            (a region of a segmentation map, +1/-1 for a contrastive explanation). Where a
+            trailing Softmax/LogSoftmax is stripped, the seed is applied at its input (the
+            logits, same shape).
+        input: name of the float graph input to explain; required when the model has several
+            (the others stay inputs of the compiled model and receive no relevance).
         optimizations: :class:`Optimizations` (all on by default; they never change the
             relevance, only how it is computed).
         per_layer: also output the relevance each layer sends to its inputs
@@ -196,7 +211,9 @@ class LRP:
             ``None`` keeps the model's (models below 16 are upgraded to 17).
 
     Attributes:
-        model: the compiled ``onnx.ModelProto`` (inputs + ``target``, outputs + ``relevance``).
+        model: the compiled ``onnx.ModelProto`` (inputs + ``target`` or ``output_relevance``,
+            outputs + ``relevance``).
+        input_name, output_name: the explained input and output.
         layers: the layer view; ``rules``: the rule of each layer.
         per_layer_outputs: ``(output name, 1-based layer index, layer summary)`` of each
             per-layer relevance output (empty unless ``per_layer``).
@@ -206,11 +223,13 @@ class LRP:
                  rules_or_composite: Any = None, flatten: bool = True, *,
                  normalize_output_relevance: bool = True, output: str | None = None,
                  optimizations: Optimizations | None = None, per_layer: bool = False,
-                 opset: int | None = None, _audit: bool = False) -> None:
+                 opset: int | None = None, output_relevance: bool = False,
+                 input: str | None = None, _audit: bool = False) -> None:
         if isinstance(model, FlatModel):
             flatten = True
-        prep = prepare(model, output, opset)
+        prep = prepare(model, output, opset, input)
         self.label = prep.label
+        self.output_relevance = output_relevance
         with labelled(prep.label):
             try:
                 self._build(prep, rules_or_composite, flatten, normalize_output_relevance,
@@ -236,7 +255,8 @@ class LRP:
         self.model: onnx.ModelProto = compile_layers(
             prep.graph, prep.layers, self.rules,
             normalize_output_relevance=normalize_output_relevance, model_meta=prep.meta,
-            optimizations=optimizations, per_layer=per_layer, audit=_audit)
+            optimizations=optimizations, per_layer=per_layer, audit=_audit,
+            output_relevance=self.output_relevance)
         by_index = {la.index + 1: la.summary for la in self.layers}
         self.per_layer_outputs: list[tuple[str, int, str]] = []
         for o in self.model.graph.output:
@@ -279,20 +299,28 @@ class LRP:
         return self._session
 
     def analyze(self, x: np.ndarray, target: int | Sequence[int] | np.ndarray | None = None, *,
+                output_relevance: np.ndarray | None = None,
+                inputs: dict[str, np.ndarray] | None = None,
                 device: str = "auto") -> Explanation:
-        """Explain ``x`` (with batch dimension) for ``target`` (None / -1: the top class)."""
+        """Explain ``x`` (with batch dimension) for ``target`` (None / -1: the top class), or,
+        for a model compiled with ``output_relevance=True``, for the seed ``output_relevance``
+        (shaped like the explained output; ``target`` is then refused). ``inputs``: the values
+        of the model's other inputs by name (a mask next to the explained input)."""
         session = self.session(device)
         with labelled(self.label):
             return run_compiled(session, x, target, self.input_name, self.output_name,
-                                self.num_classes)
+                                self.num_classes, output_relevance=output_relevance,
+                                inputs=inputs)
 
 
 def compile(model: str | os.PathLike[str] | onnx.ModelProto,  # noqa: A001 (API name)
             rules_or_composite: Any = None, *, flatten: bool = True,
             normalize_output_relevance: bool = True, output: str | None = None,
             optimizations: Optimizations | None = None, per_layer: bool = False,
-            opset: int | None = None) -> onnx.ModelProto:
+            opset: int | None = None, output_relevance: bool = False,
+            input: str | None = None) -> onnx.ModelProto:
     """Compile ``model``; returns the compiled ``ModelProto`` (arguments as :class:`LRP`)."""
     return LRP(model, rules_or_composite, flatten,
                normalize_output_relevance=normalize_output_relevance, output=output,
-               optimizations=optimizations, per_layer=per_layer, opset=opset).model
+               optimizations=optimizations, per_layer=per_layer, opset=opset,
+               output_relevance=output_relevance, input=input).model

@@ -13,8 +13,13 @@ It runs the original and the compiled model on seeded random inputs and reports,
   recorded in the file gives the file's relevance (a stale or edited file fails);
 * ``conservation_layers``: every layer whose rule conserves relevance on it (see
   :func:`conserving`) passes on what it receives, to ``CONSERVATION_TOL``;
-* ``conservation_total``: the input relevance sums to the seed (1 per sample, or the logit),
-  checked when every layer conserves; otherwise reported and skipped.
+* ``conservation_total``: the input relevance sums to the seed (1 per sample, the logit, or the
+  sum of the ``output_relevance`` seed), checked when every layer conserves; otherwise reported
+  and skipped.
+
+A model compiled with ``output_relevance=True`` is run with a seeded random seed tensor
+(uniform in [0, 1), shaped like the explained output); a model with several float inputs gets
+random values for every one (the record names the explained one, or pass ``input``).
 
 Tolerances are float32's: outputs within ``OUTPUT_RTOL`` of the original's largest magnitude
 (ONNX Runtime may fuse the forward nodes differently once they have more consumers).
@@ -33,10 +38,13 @@ import onnx
 from lrp_onnx.api import LRP
 from lrp_onnx.emit.contract import (
     AUDIT_PREFIX,
+    OUTPUT_RELEVANCE,
     PER_LAYER_PREFIX,
     RELEVANCE,
+    SEED_OUTPUT_RELEVANCE,
     TARGET,
     read_record,
+    seed_mode,
     strip_compiled,
 )
 from lrp_onnx.emit.registry import conserves_default, spec_of
@@ -116,8 +124,22 @@ def _recorded_rules(record: dict[str, Any], label: str) -> list[Rule] | None:
 
 
 def _is_compiled(model: onnx.ModelProto) -> bool:
-    return (any(i.name == TARGET for i in model.graph.input)
+    return (any(i.name in (TARGET, OUTPUT_RELEVANCE) for i in model.graph.input)
             and any(o.name == RELEVANCE for o in model.graph.output))
+
+
+def _random_feeds(model: onnx.ModelProto, rng: np.random.Generator, n: int, label: str
+                  ) -> dict[str, np.ndarray]:
+    """Standard normal values, clipped to [-3, 3] (the range of normalized image inputs), for
+    every data input of ``model`` in graph order (one draw for a one-input model, as ever)."""
+    inits = {t.name for t in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in inits]
+    feeds = {}
+    for name in names:
+        others = [k for k in names if k != name]
+        key, value = random_input(model, rng, batch=n, label=label, exclude=others, clip=3.0)
+        feeds[key] = value
+    return feeds
 
 
 def _rel_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -173,10 +195,13 @@ def _conservation(analyzer: LRP, outs: dict[str, np.ndarray]) -> tuple[CheckResu
 
 
 def check_model(model: Any, rules_or_composite: Any = None, *, samples: int = 4, seed: int = 0,
-                device: str = "cpu", output: str | None = None) -> CheckReport:
+                device: str = "cpu", output: str | None = None,
+                output_relevance: bool = False, input: str | None = None) -> CheckReport:
     """Check ``model`` (a path or ``ModelProto``; original or compiled) as described in the
-    module docstring. Raises :class:`~lrp_onnx.errors.LRPError` subclasses when the model is
-    refused (unreadable, unsupported); failed checks are reported, not raised."""
+    module docstring. ``output_relevance`` and ``input`` compile an original model as
+    :class:`~lrp_onnx.LRP` does (a compiled model's are read from its record). Raises
+    :class:`~lrp_onnx.errors.LRPError` subclasses when the model is refused (unreadable,
+    unsupported); failed checks are reported, not raised."""
     if samples < 1:
         raise ValueError("samples must be >= 1")
     proto, label = load_model(model)
@@ -186,15 +211,21 @@ def check_model(model: Any, rules_or_composite: Any = None, *, samples: int = 4,
         if rules_or_composite is not None:
             raise UnsupportedModel(f"{label}: already compiled; check it without rules (they "
                                    "are read from the file)")
+        if output_relevance:
+            raise UnsupportedModel(f"{label}: already compiled; its seed mode is read from the "
+                                   "file: check it without output_relevance")
         product = proto
         original = strip_compiled(proto)
         record = read_record(proto)
         rules: Any = _recorded_rules(record, label)
         normalize = bool(record.get("normalize_output_relevance", True))
         output = output or record.get("explained_output")
+        output_relevance = seed_mode(record) == SEED_OUTPUT_RELEVANCE
+        input = input or record.get("explained_input")
     else:
         original, rules, normalize = proto, rules_or_composite, True
-        product = LRP(proto, rules, normalize_output_relevance=normalize, output=output).model
+        product = LRP(proto, rules, normalize_output_relevance=normalize, output=output,
+                      output_relevance=output_relevance, input=input).model
     try:
         run_onnx_checker(product)
         onnx.shape_inference.infer_shapes(skeleton(product), check_type=True, strict_mode=True)
@@ -204,14 +235,14 @@ def check_model(model: Any, rules_or_composite: Any = None, *, samples: int = 4,
         results.append(CheckResult("onnx_checker", False, str(exc).strip().splitlines()[0]))
 
     rng = np.random.default_rng(seed)
-    # Standard normal, clipped to [-3, 3]: the range of normalized image inputs.
-    input_name, x = random_input(original, rng, batch=samples, label=label,
-                                 exclude=(TARGET,), clip=3.0)
-    n = x.shape[0]
-    feeds = {input_name: x}
-    target = np.full((n,), -1, dtype=np.int64)
+    feeds = _random_feeds(original, rng, samples, label)
+    n = next(iter(feeds.values())).shape[0]  # a static batch dimension wins over ``samples``
     orig_outs, _ = _run(original, feeds, device)
-    prod_outs, provider = _run(product, {**feeds, TARGET: target}, device)
+    seed_feed: dict[str, np.ndarray] = {TARGET: np.full((n,), -1, dtype=np.int64)}
+    if output_relevance:
+        like = orig_outs[output or original.graph.output[0].name]
+        seed_feed = {OUTPUT_RELEVANCE: rng.random(like.shape).astype(like.dtype)}
+    prod_outs, provider = _run(product, {**feeds, **seed_feed}, device)
     report = CheckReport(label, compiled_input, n, seed, provider, results)
 
     diffs = {k: _rel_diff(prod_outs[k], v) for k, v in orig_outs.items()}
@@ -226,8 +257,8 @@ def check_model(model: Any, rules_or_composite: Any = None, *, samples: int = 4,
     audit: LRP | None = None
     if rules is not None or not compiled_input:
         audit = LRP(original, rules, normalize_output_relevance=normalize, output=output,
-                    _audit=True)
-    audit_outs = _run(audit.model, {**feeds, TARGET: target}, device)[0] if audit else {}
+                    output_relevance=output_relevance, input=input, _audit=True)
+    audit_outs = _run(audit.model, {**feeds, **seed_feed}, device)[0] if audit else {}
     nonfinite = [k for k, v in {RELEVANCE: rel, **audit_outs}.items()
                  if k.startswith((RELEVANCE, PER_LAYER_PREFIX, AUDIT_PREFIX))
                  and not np.isfinite(v).all()]
@@ -252,14 +283,18 @@ def check_model(model: Any, rules_or_composite: Any = None, *, samples: int = 4,
         return report
     layer_result, all_conserve = _conservation(audit, audit_outs)
     results.append(layer_result)
-    seed_sum = np.ones(n) if normalize else _seed_logits(audit_outs)
+    if output_relevance:
+        seed_sum, seed_name = _sums(seed_feed[OUTPUT_RELEVANCE]), "output_relevance"
+    else:
+        seed_sum = np.ones(n) if normalize else _seed_logits(audit_outs)
+        seed_name = "1" if normalize else "logit"
     totals = _sums(rel)
     err = float(np.max(np.abs(totals - seed_sum) / np.maximum(np.abs(seed_sum), 1e-12)))
     sums = ", ".join(f"{t:.6g}" for t in totals)
     if all_conserve:
         results.append(CheckResult(
             "conservation_total", err <= CONSERVATION_TOL * len(audit.layers),
-            f"relevance sums {sums} (seed {'1' if normalize else 'logit'}), largest relative "
+            f"relevance sums {sums} (seed {seed_name}), largest relative "
             f"difference {err:.3g}"))
     else:
         results.append(CheckResult(

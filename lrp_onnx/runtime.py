@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from lrp_onnx.dtypes import ORT_FLOATS
-from lrp_onnx.emit.contract import RELEVANCE, TARGET
+from lrp_onnx.emit.contract import OUTPUT_RELEVANCE, RELEVANCE, TARGET
 from lrp_onnx.errors import InvalidInput, RuntimeFailure, UnsupportedModel
 from lrp_onnx.frontend.load import one_line
 from lrp_onnx.io import EXTERNAL_DATA_ABOVE, save_model, weight_bytes
@@ -98,7 +98,8 @@ class Explanation:
     Attributes:
         relevance: input relevance, same shape and dtype as the input.
         output: the explained model output (e.g. logits or probabilities).
-        target: the class explained for each sample (argmax where ``-1`` was asked).
+        target: the class explained for each sample (argmax where ``-1`` was asked); ``-1``
+            for every sample of a model seeded with an explicit ``output_relevance``.
         provider: the ONNX Runtime execution provider that ran the model.
     """
 
@@ -109,27 +110,66 @@ class Explanation:
 
 
 def run_compiled(session: Any, x: np.ndarray, target: Any, input_name: str, output_name: str,
-                 num_classes: int) -> Explanation:
-    """Run a compiled model's session on ``x`` and ``target``; validates the target."""
+                 num_classes: int, *, output_relevance: Any = None,
+                 inputs: dict[str, np.ndarray] | None = None) -> Explanation:
+    """Run a compiled model's session on ``x`` and its seed: ``target`` (models with a
+    ``target`` input) or ``output_relevance`` (models compiled with ``output_relevance=True``);
+    ``inputs``: the model's other inputs by name. Validates all of them (one-line
+    :class:`InvalidInput` / :class:`UnsupportedModel` errors)."""
     x = np.asarray(x)
     n = x.shape[0] if x.ndim else 0
-    if target is None:
-        t = np.full((n,), -1, dtype=np.int64)
+    names = [i.name for i in session.get_inputs()]
+    if OUTPUT_RELEVANCE in names and TARGET not in names:
+        if target is not None:
+            raise InvalidInput("this model was compiled with output_relevance=True: pass "
+                               "output_relevance=<array shaped like the output>, not target")
+        if output_relevance is None:
+            raise InvalidInput("this model was compiled with output_relevance=True: "
+                               "output_relevance=<array shaped like the output> is required")
+        seed = np.asarray(output_relevance)
+        _check_input(session, OUTPUT_RELEVANCE, seed, what="output_relevance")
+        if seed.shape[:1] != (n,):
+            raise InvalidInput(f"output_relevance has {seed.shape[0] if seed.ndim else 0} "
+                               f"samples; the input has {n}")
+        seed_name, t = OUTPUT_RELEVANCE, np.full((n,), -1, dtype=np.int64)
     else:
-        t = np.asarray(target, dtype=np.int64)
-        if t.ndim == 0:
-            t = np.full((n,), int(t), dtype=np.int64)
-    if t.shape != (n,):
-        raise UnsupportedModel(f"target has shape {t.shape}; expected ({n},) for a batch of {n}")
-    bad = (t < -1) | (t >= num_classes)
-    if bad.any():
-        raise UnsupportedModel(f"target {int(t[bad][0])} is outside [-1, {num_classes - 1}]")
+        if output_relevance is not None:
+            raise InvalidInput("this model takes a target, not output_relevance (compile it "
+                               "with output_relevance=True / convert --output-relevance)")
+        if target is None:
+            t = np.full((n,), -1, dtype=np.int64)
+        else:
+            t = np.asarray(target, dtype=np.int64)
+            if t.ndim == 0:
+                t = np.full((n,), int(t), dtype=np.int64)
+        if t.shape != (n,):
+            raise UnsupportedModel(f"target has shape {t.shape}; expected ({n},) for a batch "
+                                   f"of {n}")
+        bad = (t < -1) | (t >= num_classes)
+        if bad.any():
+            raise UnsupportedModel(f"target {int(t[bad][0])} is outside [-1, "
+                                   f"{num_classes - 1}]")
+        seed_name, seed = TARGET, t
+    others = dict(inputs or {})
+    unknown = [k for k in others if k not in names or k in (input_name, seed_name)]
+    if unknown:
+        raise InvalidInput(f"inputs: '{unknown[0]}' is not another input of the model (its "
+                           f"inputs: {', '.join(names)})")
+    missing = [k for k in names if k not in others and k not in (input_name, seed_name)]
+    if missing:
+        raise InvalidInput(f"the model also takes {', '.join(repr(k) for k in missing)}: pass "
+                           "inputs={name: array}")
+    others = {k: np.asarray(v) for k, v in others.items()}
+    for k, v in others.items():
+        _check_input(session, k, v)
     _check_input(session, input_name, x)
     # IO binding: the input is read from this numpy buffer where it is (CPU EP) or copied to
     # the GPU once (CUDA EP); outputs are written into CPU buffers ORT allocates, once.
     binding = session.io_binding()
     binding.bind_cpu_input(input_name, np.ascontiguousarray(x))
-    binding.bind_cpu_input(TARGET, t)
+    binding.bind_cpu_input(seed_name, np.ascontiguousarray(seed))
+    for k, v in others.items():
+        binding.bind_cpu_input(k, np.ascontiguousarray(v))
     binding.bind_output(output_name)
     binding.bind_output(RELEVANCE)
     failures: tuple[type[BaseException], ...] = (RuntimeError, *ort_errors())
@@ -144,22 +184,23 @@ def run_compiled(session: Any, x: np.ndarray, target: Any, input_name: str, outp
             from None
     out, rel = binding.copy_outputs_to_cpu()
     logits_like = np.asarray(out)
-    chosen = np.where(t < 0, logits_like.reshape(n, -1).argmax(axis=1), t)
+    chosen = t if seed_name == OUTPUT_RELEVANCE else \
+        np.where(t < 0, logits_like.reshape(n, -1).argmax(axis=1), t)
     return Explanation(relevance=rel, output=out, target=chosen.astype(np.int64),
                        provider=session.get_providers()[0])
 
 
-def _check_input(session: Any, input_name: str, x: np.ndarray) -> None:
+def _check_input(session: Any, input_name: str, x: np.ndarray, what: str = "") -> None:
     """A one-line :class:`InvalidInput` where ONNX Runtime would fail deep in its run."""
     spec = next((i for i in session.get_inputs() if i.name == input_name), None)
     if spec is None:
         return
+    what = what or f"input '{input_name}'"
     want = ORT_FLOATS.get(spec.type)
     if want is not None and x.dtype != want:
-        raise InvalidInput(f"input '{input_name}' must be {np.dtype(want).name}, got "
+        raise InvalidInput(f"{what} must be {np.dtype(want).name}, got "
                            f"{x.dtype.name} (convert with x.astype(np.{np.dtype(want).name}))")
     shape = list(spec.shape)
     if x.ndim != len(shape) or any(isinstance(d, int) and d != a for d, a in zip(shape, x.shape)):
         dims = ["N" if not isinstance(d, int) else d for d in shape]
-        raise InvalidInput(f"input '{input_name}' has shape {list(x.shape)}; the model takes "
-                           f"{dims}")
+        raise InvalidInput(f"{what} has shape {list(x.shape)}; the model takes {dims}")

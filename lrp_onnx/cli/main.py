@@ -103,8 +103,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise CLIError(f"{dest}: folder {dest.parent} does not exist")
     if not os.access(dest.parent, os.W_OK | os.X_OK):
         raise CLIError(f"{dest}: folder {dest.parent} is not writable")
+    if args.logit_seed and args.output_relevance:
+        raise CLIError("--logit-seed is about the one-hot target seed; --output-relevance "
+                       "seeds the given values as they are: give one of them")
     analyzer = LRP(src, _composite(args), normalize_output_relevance=not args.logit_seed,
-                   output=args.output_name, per_layer=args.per_layer, opset=args.opset)
+                   output=args.output_name, per_layer=args.per_layer, opset=args.opset,
+                   output_relevance=args.output_relevance, input=args.input_name)
     try:
         analyzer.save(dest)
     except OSError as exc:
@@ -123,7 +127,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from lrp_onnx.api import assign_rules, prepare
     from lrp_onnx.emit.registry import resolve_entries
 
-    prep = prepare(args.model, args.output_name)
+    prep = prepare(args.model, args.output_name, input=args.input_name)
     rules = assign_rules(prep, _composite(args))
     resolve_entries(prep.layers, rules, prep.label, prep.graph.opset, prep.graph.shape)
     width = max(len(str(prep.indices[la.index])) for la in prep.layers)
@@ -142,22 +146,6 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 # -- explain -----------------------------------------------------------------------------------
-def _compiled_io(model: Any, label: str) -> tuple[str, str, int]:
-    from lrp_onnx.emit.contract import RELEVANCE, TARGET, read_record
-
-    inputs = [i.name for i in model.graph.input]
-    outputs = [o.name for o in model.graph.output]
-    if TARGET not in inputs or RELEVANCE not in outputs:
-        raise CLIError(f"{label}: not a compiled model (no '{TARGET}' input / '{RELEVANCE}' "
-                       f"output); run '{PROG} convert' first")
-    info = read_record(model)
-    data = [n for n in inputs if n != TARGET and n not in {t.name for t in model.graph.initializer}]
-    out_name = info.get("explained_output", outputs[0])
-    dims = {o.name: o for o in model.graph.output}[out_name].type.tensor_type.shape.dim
-    classes = int(dims[-1].dim_value) if dims and dims[-1].HasField("dim_value") else 0
-    return data[0], out_name, classes
-
-
 def _preprocess(args: argparse.Namespace) -> tuple[Any, str]:
     """The image preprocessing from ``--preprocess FILE`` and the options (which win), and the
     file to name in errors about it (none once an option overrides it)."""
@@ -203,6 +191,7 @@ def _write_sample(out: Path, sample: Any, rel: np.ndarray, x: np.ndarray,
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    from lrp_onnx.cli.compiled import CompiledIO, Seed, check_seed_options
     from lrp_onnx.cli.inputs import (
         ModelInput,
         batches,
@@ -214,14 +203,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from lrp_onnx.runtime import make_session, run_compiled
 
     model, label = load_model(args.model)
-    input_name, output_name, classes = _compiled_io(model, label)
-    if args.target is not None and classes and not 0 <= args.target < classes:
-        raise CLIError(f"--target {args.target}: {label} has {classes} classes "
-                       f"(0 to {classes - 1})")
-    spec = ModelInput.of(model, input_name)
+    io = CompiledIO.of(model, label, PROG)
+    check_seed_options(io, label, args.target, args.output_relevance)
+    spec = ModelInput.of(model, io.input)
     pre, source = _preprocess(args)
     plan = plan_inputs(expand_inputs(args.inputs, recursive=args.recursive), spec, pre,
                        source=source)
+    seeds = Seed(args.output_relevance, io.seed, len(plan.samples)) if io.seed else None
     out = Path(args.out) if args.out else None
     if out is not None:
         clash = duplicate_stems(plan.samples)
@@ -243,22 +231,24 @@ def cmd_explain(args: argparse.Namespace) -> int:
     print(f"execution provider: {provider}", flush=True)
 
     progress = Progress(len(plan.samples), args.progress)
-    written = 0
+    written = done = 0
     try:
         for batch in batches(plan, spec, args.batch_size, keep_images=args.overlay):
+            n = len(batch.samples)
+            seed = seeds.batch(done, n) if seeds is not None else None
             try:
-                expl = run_compiled(session, batch.x, args.target, input_name, output_name,
-                                    classes)
+                expl = run_compiled(session, batch.x, args.target, io.input, io.output,
+                                    io.classes, output_relevance=seed)
             except runtime_errors as exc:
                 raise CLIError(f"{label}: onnxruntime failed on {batch.samples[0].label}..."
                                f"{batch.samples[-1].label}: {_first_line(exc)}") from None
-            n = len(batch.samples)
             scores = np.asarray(expl.output).reshape(n, -1)
             for i, sample in enumerate(batch.samples):
                 rel = np.asarray(expl.relevance[i])
                 t = int(expl.target[i])
-                progress.print(f"{sample.label}: target {t} (output {float(scores[i, t]):.4g}), "
-                               f"relevance sum {float(rel.sum()):.4g}")
+                what = (f"output_relevance sum {float(seed[i].sum()):.4g}" if seed is not None
+                        else f"target {t} (output {float(scores[i, t]):.4g})")
+                progress.print(f"{sample.label}: {what}, relevance sum {float(rel.sum()):.4g}")
                 if not np.isfinite(rel).all():
                     raise CLIError(f"{sample.path}: the relevance of {sample.label} is not "
                                    f"finite (NaN/Inf); nothing written for it; run '{PROG} "
@@ -267,10 +257,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
                     written += _write_sample(out, sample, rel, batch.x[i], batch.images[i],
                                              args)
             progress.advance(n)
+            done += n
     finally:
         progress.close()
-    done = f"explained {len(plan.samples)} sample(s)"
-    print(done + (f"; wrote {written} files to {out}" if out is not None else ""))
+    summary = f"explained {len(plan.samples)} sample(s)"
+    print(summary + (f"; wrote {written} files to {out}" if out is not None else ""))
     return 0
 
 
@@ -285,7 +276,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         _quiet_ort(args.device)
         try:
             report = check_model(args.model, _composite(args), samples=args.samples,
-                                 seed=args.seed, device=args.device, output=args.output_name)
+                                 seed=args.seed, device=args.device, output=args.output_name,
+                                 output_relevance=args.output_relevance,
+                                 input=args.input_name)
         except ort_errors() as exc:
             raise CLIError(f"{args.model}: onnxruntime cannot run the model: "
                            f"{_first_line(exc)}") from None
@@ -358,6 +351,14 @@ def _rules_options(p: argparse.ArgumentParser) -> None:
     group.add_argument("--rules", metavar="FILE",
                        help="a .toml or .json rule file spelling a Composite (see docs/cli.md)")
     p.add_argument("--output-name", metavar="NAME", help="graph output to explain (default: first)")
+    p.add_argument("--input", dest="input_name", metavar="NAME",
+                   help="float graph input to explain (required when there are several)")
+
+
+def _seed_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output-relevance", action="store_true",
+                   help="seed with an 'output_relevance' input shaped like the explained output "
+                   "instead of the one-hot 'target'")
 
 
 def _device_option(p: argparse.ArgumentParser, default: str) -> None:
@@ -379,6 +380,9 @@ def _explain_parser(sub: Any) -> None:
                    help=".npy (one sample or a batch), .png/.jpg/.jpeg, or a folder of them")
     p.add_argument("--target", type=int, default=None, metavar="K",
                    help="class to explain (default: the top-scoring class)")
+    p.add_argument("--output-relevance", metavar="FILE.npy",
+                   help="the seed of a model converted with --output-relevance: one sample's "
+                   "(used for every sample) or one per sample")
     p.add_argument("--recursive", "-r", action="store_true",
                    help="also read the sub-folders of folder inputs")
     p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N",
@@ -440,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also output each layer's input relevance (relevance_in_<i>)")
     p.add_argument("--opset", type=int, metavar="N",
                    help="convert the model to this opset (16 or newer) before compiling")
+    _seed_option(p)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("show", help="print the layer tree and the rule each layer gets",
@@ -465,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random samples (default: 4)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     _device_option(p, "cpu")
+    _seed_option(p)
     p.set_defaults(func=cmd_check)
     return parser
 

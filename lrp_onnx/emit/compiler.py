@@ -1,5 +1,6 @@
-"""The reverse walk: seed relevance at the target logit, call each layer's emitter from the last
-layer to the first, accumulate at fan-out, and attach ``target``/``relevance`` to the model."""
+"""The reverse walk: seed relevance at the target logit (or with the given ``output_relevance``),
+call each layer's emitter from the last layer to the first, accumulate at fan-out, and attach
+``target``/``output_relevance`` and ``relevance`` to the model."""
 
 from __future__ import annotations
 
@@ -15,17 +16,20 @@ from lrp_onnx.emit import ops  # noqa: F401  (fills the op registry)
 from lrp_onnx.emit.builder import Builder
 from lrp_onnx.emit.contract import (
     AUDIT_PREFIX,
+    OUTPUT_RELEVANCE,
     RECORD_KEY,
     RELEVANCE,
+    SEED_OUTPUT_RELEVANCE,
     TARGET,
     _drop_contract_io,
     per_layer_name,
+    seed_input,
 )
 from lrp_onnx.emit.optimizations import Optimizations
 from lrp_onnx.emit.registry import resolve_entries
 from lrp_onnx.emit.relevance_support import relu_covers
 from lrp_onnx.errors import UnsupportedModel
-from lrp_onnx.frontend.graph import Graph
+from lrp_onnx.frontend.graph import Graph, _float_dtype
 from lrp_onnx.frontend.layers import Layer
 from lrp_onnx.frontend.load import run_onnx_checker, shape_inference_error, skeleton
 from lrp_onnx.rules.core import Rule
@@ -56,6 +60,29 @@ def _seed(b: Builder, graph: Graph, target: gs.Variable, normalize: bool) -> gs.
         return b.op("Mul", onehot, logits, tag="logit")
 
 
+def _explicit_seed(b: Builder, graph: Graph) -> tuple[gs.Variable, gs.Tensor]:
+    """The ``output_relevance`` input (shaped like the explained output, its dtype, dynamic dims
+    kept) and the seed it gives at the logits (a stripped Softmax head keeps the shape)."""
+    explained, logits = graph.explained, graph.logits
+    if not _float_dtype(explained):
+        raise UnsupportedModel(f"{graph.label}: the explained output '{explained.name}' is not a "
+                               f"float tensor ({explained.dtype}); output_relevance needs one")
+    shape, at = graph.shape(explained), graph.shape(logits)
+    if len(shape) != len(at) or any(a is not None and c is not None and a != c
+                                    for a, c in zip(shape, at)):
+        raise UnsupportedModel(f"{graph.label}: the explained output '{explained.name}' has "
+                               f"shape {shape} but relevance starts at '{logits.name}' of shape "
+                               f"{at}; output_relevance needs them equal")
+    seed_in = gs.Variable(OUTPUT_RELEVANCE, dtype=explained.dtype, shape=list(explained.shape))
+    graph.gs.inputs.append(seed_in)
+    seed: gs.Tensor = seed_in
+    if np.dtype(explained.dtype) != b.dtype:
+        with b.scope("seed"):
+            seed = b.op("Cast", seed, tag="cast",
+                        to=int(onnx.helper.np_dtype_to_tensor_dtype(b.dtype)))
+    return seed_in, seed
+
+
 def _sum(b: Builder, values: list[gs.Tensor], tag: str) -> gs.Tensor:
     if len(values) == 1:
         return values[0]
@@ -75,29 +102,40 @@ def compile_layers(graph: Graph, layers: Sequence[Layer], rules: Sequence[Rule],
                    normalize_output_relevance: bool = True,
                    model_meta: onnx.ModelProto | None = None,
                    optimizations: Optimizations | None = None,
-                   per_layer: bool = False, audit: bool = False) -> onnx.ModelProto:
+                   per_layer: bool = False, audit: bool = False,
+                   output_relevance: bool = False) -> onnx.ModelProto:
     """Emit the relevance pass for ``layers`` with ``rules`` (aligned) into ``graph``.
 
-    Returns the compiled ``ModelProto``: original inputs plus ``target`` (int64 ``[N]``),
-    original outputs plus ``relevance`` (shape and dtype of the data input). ``per_layer``
+    Returns the compiled ``ModelProto``: original inputs plus ``target`` (int64 ``[N]``) or,
+    with ``output_relevance``, plus ``output_relevance`` (shape and dtype of the explained
+    output: the seed as given, ``normalize_output_relevance`` does not apply), original outputs
+    plus ``relevance`` (shape and dtype of the data input). ``per_layer``
     adds the relevance each layer sends to each of its inputs as outputs (names from
     :func:`per_layer_name`, first layer first, after ``relevance``); ``audit`` (used by
     :mod:`lrp_onnx.check`) also adds, per layer, the relevance arriving at its output.
     """
     entries = resolve_entries(layers, rules, graph.label, graph.opset, graph.shape)
-    for name in (TARGET, RELEVANCE):
+    if output_relevance and not normalize_output_relevance:
+        raise UnsupportedModel(
+            f"{graph.label}: normalize_output_relevance=False (the logit seed) does not apply "
+            "with output_relevance=True, whose seed is used as given; multiply it by the "
+            "output yourself")
+    seed_name = OUTPUT_RELEVANCE if output_relevance else TARGET
+    for name in (seed_name, RELEVANCE):
         if name in graph.tensors:
             raise UnsupportedModel(f"{graph.label}: the model already has a value named "
                                    f"'{name}', which the compiled model's contract reserves")
     b = Builder(graph, optimizations)
     if b.options.relu_denominators:
         b.relu_covers = relu_covers(graph, layers, rules)
-    batch = graph.data_input.shape[0]
-    target = gs.Variable(TARGET, dtype=np.int64, shape=[batch])
-    graph.gs.inputs.append(target)
+    if output_relevance:
+        seed = _explicit_seed(b, graph)[1]
+    else:
+        target = gs.Variable(TARGET, dtype=np.int64, shape=[graph.data_input.shape[0]])
+        graph.gs.inputs.append(target)
+        seed = _seed(b, graph, target, normalize_output_relevance)
 
-    pending: dict[str, list[gs.Tensor]] = {graph.logits.name: [_seed(b, graph, target,
-                                                                      normalize_output_relevance)]}
+    pending: dict[str, list[gs.Tensor]] = {graph.logits.name: [seed]}
     # per-layer outputs: (layer index, value, output name, shape like)
     extra: list[tuple[int, gs.Tensor, str, gs.Tensor]] = []
     for layer, rule, entry in zip(reversed(layers), reversed(rules), reversed(entries)):
@@ -141,7 +179,8 @@ def compile_layers(graph: Graph, layers: Sequence[Layer], rules: Sequence[Rule],
         _add_output(graph, value, name, like)
     _drop_unread(graph)
 
-    model = _export(graph, model_meta, layers, rules, normalize_output_relevance)
+    model = _export(graph, model_meta, layers, rules, normalize_output_relevance,
+                    output_relevance)
     _check(model, graph, b)
     return model
 
@@ -163,7 +202,7 @@ def _drop_unread(graph: Graph) -> None:
 
 
 def _export(graph: Graph, meta: onnx.ModelProto | None, layers: Sequence[Layer],
-            rules: Sequence[Rule], normalize: bool) -> onnx.ModelProto:
+            rules: Sequence[Rule], normalize: bool, explicit: bool = False) -> onnx.ModelProto:
     """The compiled model, built in the pipeline's private canonicalised copy of the input.
 
     The nodes are re-exported from the graphsurgeon graph (forward nodes as they were, plus
@@ -203,6 +242,11 @@ def _export(graph: Graph, meta: onnx.ModelProto | None, layers: Sequence[Layer],
         "layers": [{"index": la.index + 1, "nodes": list(la.node_names), "rule": repr(r)}
                    for la, r in zip(layers, rules)],
     }
+    # Written only where they say something, so that other models keep their exact bytes.
+    if explicit:
+        record["seed"] = SEED_OUTPUT_RELEVANCE
+    if len(graph.float_inputs) > 1:
+        record["explained_input"] = graph.data_input.name
     entry = model.metadata_props.add()
     entry.key, entry.value = RECORD_KEY, json.dumps(record, sort_keys=True)
     return model
@@ -250,20 +294,27 @@ def _input_at_fault(model: onnx.ModelProto, graph: Graph) -> None:
     kept = [n for n in g.node if not n.name.startswith("lrp/")]
     del g.node[:]
     g.node.extend(kept)
-    _drop_contract_io(g)
+    _drop_contract_io(g, seed_input(model))
     error = shape_inference_error(original)
     if error is not None:
         raise UnsupportedModel(f"{graph.label}: fails ONNX shape inference: {error}")
     import onnxruntime as ort
 
-    x = graph.data_input
-    shape = [d if isinstance(d, int) and d > 0 else 1 for d in (x.shape or [])]
+    inits = {t.name for t in g.initializer}
+    feeds = {}
+    for vi in g.input:  # zeros for every input: the explained one and any other (a mask)
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
+                 for d in tt.shape.dim]
+        feeds[vi.name] = np.zeros(shape, dtype=onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
     try:
         opts = ort.SessionOptions()
         opts.log_severity_level = 4
         session = ort.InferenceSession(original.SerializeToString(), opts,
                                        providers=["CPUExecutionProvider"])
-        session.run(None, {x.name: np.zeros(shape, dtype=x.dtype)})
+        session.run(None, feeds)
     except Exception as exc:  # noqa: BLE001 - any failure says the input does not run
         text = " ".join(str(exc).split())[:300]
         raise UnsupportedModel(f"{graph.label}: the input model does not run in ONNX Runtime "

@@ -1,8 +1,10 @@
 """The compiled model's contract: the names it adds, its metadata record, and how to strip it.
 
-A compiled model has the original inputs plus ``target`` (int64 ``[N]``) and the original outputs
-plus ``relevance`` (and, on request, per-layer relevance outputs). Its metadata entry
-``lrp_onnx`` records the rules it was compiled with (:func:`read_record`).
+A compiled model has the original inputs plus ``target`` (int64 ``[N]``) or, compiled with
+``output_relevance=True``, plus ``output_relevance`` (shaped like the explained output), and the
+original outputs plus ``relevance`` (and, on request, per-layer relevance outputs). Its metadata
+entry ``lrp_onnx`` records the rules it was compiled with, its seed mode and, where the model has
+several float inputs, the explained one (:func:`read_record`, :func:`seed_mode`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from lrp_onnx.frontend.layers import Layer
 
 TARGET = "target"
 RELEVANCE = "relevance"
+#: The seed input of a model compiled with ``output_relevance=True``.
+OUTPUT_RELEVANCE = "output_relevance"
+#: Seed modes (:func:`seed_mode`): the one-hot ``target`` seed, or an explicit seed tensor.
+SEED_TARGET, SEED_OUTPUT_RELEVANCE = "target", "output_relevance"
 #: Metadata key of the compiled model's record (rules, explained output, version).
 RECORD_KEY = "lrp_onnx"
 
@@ -49,23 +55,37 @@ def read_record(model: onnx.ModelProto) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
-def _drop_contract_io(g: onnx.GraphProto) -> None:
-    """Remove the compiled contract's ``target`` input and relevance outputs from ``g``."""
+def seed_mode(record: dict[str, Any]) -> str:
+    """The seed mode a record says: ``"output_relevance"`` (its ``seed`` entry; written only in
+    that mode, so that models compiled without it keep their bytes) or ``"target"``."""
+    return SEED_OUTPUT_RELEVANCE if record.get("seed") == SEED_OUTPUT_RELEVANCE else SEED_TARGET
+
+
+def seed_input(model: onnx.ModelProto) -> str:
+    """The name of the compiled model's seed input: ``output_relevance`` or ``target``."""
+    return OUTPUT_RELEVANCE if seed_mode(read_record(model)) == SEED_OUTPUT_RELEVANCE \
+        else TARGET
+
+
+def _drop_contract_io(g: onnx.GraphProto, seed: str = TARGET) -> None:
+    """Remove the compiled contract's seed input (``target`` or ``output_relevance``) and
+    relevance outputs from ``g``."""
     outputs = [o for o in g.output if not _is_relevance_output(o.name)]
     del g.output[:]
     g.output.extend(outputs)
-    inputs = [i for i in g.input if i.name != TARGET]
+    inputs = [i for i in g.input if i.name != seed]
     del g.input[:]
     g.input.extend(inputs)
 
 
 def strip_compiled(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The original model inside a compiled one: without ``target``, the relevance outputs and
-    every node only they need (a new ``ModelProto``; ``model`` is not modified)."""
+    """The original model inside a compiled one: without its seed input (``target`` or
+    ``output_relevance``), the relevance outputs and every node only they need (a new
+    ``ModelProto``; ``model`` is not modified)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
-    _drop_contract_io(g)
+    _drop_contract_io(g, seed_input(model))
     needed = {o.name for o in g.output}
     kept = []
     for node in reversed(g.node):

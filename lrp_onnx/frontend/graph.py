@@ -71,7 +71,9 @@ class Graph:
         gs: the graphsurgeon graph (topologically sorted); emitted nodes are appended to it.
         label: the source file or model name, for messages.
         opset: the default-domain opset.
-        data_input: the float graph input that relevance is computed for.
+        data_input: the float graph input that relevance is computed for (``input``, or the
+            only float input); other inputs are constants to the relevance pass: data
+            dependence starts from this input alone.
         explained: the graph output whose target entry is explained.
         logits: the value relevance starts from (``explained`` or the input of a trailing
             Softmax/LogSoftmax).
@@ -79,7 +81,8 @@ class Graph:
             topological order (shape-only and constant subgraphs are not among them).
     """
 
-    def __init__(self, model: onnx.ModelProto, label: str, output: str | None = None) -> None:
+    def __init__(self, model: onnx.ModelProto, label: str, output: str | None = None,
+                 input: str | None = None) -> None:
         self.label = label
         #: the pipeline's private model; the compiled model is built in it (weights stay put)
         self.proto = model
@@ -96,19 +99,7 @@ class Graph:
                                    f"({type(exc).__name__}: {str(exc)[:200]})") from None
         self.tensors: dict[str, gs.Tensor] = self.gs.tensors()
 
-        floats = [t for t in self.gs.inputs if _float_dtype(t)]
-        if not floats:
-            names = ", ".join(f"'{t.name}' ({t.dtype})" for t in self.gs.inputs) or "none"
-            raise UnsupportedModel(
-                f"{label}: no floating-point model input to explain (inputs: {names})"
-            )
-        if len(floats) > 1:
-            names = ", ".join(f"'{t.name}'" for t in floats)
-            raise UnsupportedModel(
-                f"{label}: {len(floats)} floating-point inputs ({names}); lrp_onnx explains "
-                "models with one float input"
-            )
-        self.data_input: gs.Variable = floats[0]
+        self.data_input: gs.Variable = self._choose_input(input)
         shape = self.data_input.shape
         if shape is None or len(shape) < 2:
             raise UnsupportedModel(
@@ -147,6 +138,34 @@ class Graph:
         self.logits: gs.Variable = logits
         self.nodes: list[gs.Node] = self._relevance_path()
         self.nonneg: set[str] = self._nonneg()
+
+    def _choose_input(self, name: str | None) -> gs.Variable:
+        """The float graph input to explain: ``name``, or the only float input. Several float
+        inputs without ``name`` are refused (a mask must never be explained by accident)."""
+        floats = [t for t in self.gs.inputs if _float_dtype(t)]
+        #: names of every float graph input (the compiled record names the explained one
+        #: where there are several)
+        self.float_inputs = [t.name for t in floats]
+        listed = ", ".join(f"'{t.name}'" for t in floats)
+        if name is not None:
+            chosen = [t for t in floats if t.name == name]
+            if not chosen:
+                other = any(t.name == name for t in self.gs.inputs)
+                why = "is not a floating-point input" if other else "is no graph input"
+                raise UnsupportedModel(f"{self.label}: '{name}' {why} (floating-point inputs: "
+                                       f"{listed or 'none'})")
+            return chosen[0]
+        if not floats:
+            names = ", ".join(f"'{t.name}' ({t.dtype})" for t in self.gs.inputs) or "none"
+            raise UnsupportedModel(
+                f"{self.label}: no floating-point model input to explain (inputs: {names})"
+            )
+        if len(floats) > 1:
+            raise UnsupportedModel(
+                f"{self.label}: {len(floats)} floating-point inputs ({listed}); choose the one "
+                "to explain with input=NAME (--input NAME)"
+            )
+        return floats[0]
 
     # -- structure -------------------------------------------------------------------------
     def _data_dependent(self) -> set[str]:
