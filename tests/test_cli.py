@@ -580,3 +580,125 @@ def test_check_subprocess_exit_code(tmp_path: Path) -> None:
     proc = run_cli("check", model, "--json")
     assert_clean_failure(proc, "check(s) failed")
     assert json.loads(proc.stdout)["ok"] is False
+
+
+# -- --output-relevance and --input ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def seeded_seed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """seed_vgg.onnx converted with --output-relevance (EpsilonPlusFlat)."""
+    from lrp_onnx.cli.main import main
+
+    path = tmp_path_factory.mktemp("seeded") / "seed.seeded.onnx"
+    assert main(["convert", str(SEED), str(path), "--composite", "EpsilonPlusFlat",
+                 "--output-relevance"]) == 0
+    return path
+
+
+def test_output_relevance_round_trip(tmp_path: Path, seeded_seed: Path, compiled_seed: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A one-hot seed file gives the --target run's relevance; check re-checks the file."""
+    capsys.readouterr()
+    seed = np.zeros(100, np.float64)  # any real dtype: cast to the model's
+    seed[7] = 1.0
+    np.save(tmp_path / "seed.npy", seed)
+    code, stdout, _ = cli(capsys, "explain", seeded_seed, MODELS / "seed_vgg_input.npy",
+                          "--output-relevance", tmp_path / "seed.npy", "--out", tmp_path / "a")
+    assert code == 0
+    assert "seed_vgg_input.npy: output_relevance sum 1, relevance sum" in stdout
+    assert cli(capsys, "explain", compiled_seed, MODELS / "seed_vgg_input.npy", "--target", "7",
+               "--out", tmp_path / "b")[0] == 0
+    got = np.load(tmp_path / "a" / "seed_vgg_input.relevance.npy")
+    want = np.load(tmp_path / "b" / "seed_vgg_input.relevance.npy")
+    np.testing.assert_array_equal(got, want)
+    code, stdout, _ = cli(capsys, "check", seeded_seed)
+    assert code == 0 and "PASS recorded_rules" in stdout
+    assert cli(capsys, "check", SEED, "--composite", "EpsilonPlusFlat",
+               "--output-relevance")[0] == 0
+
+
+def test_output_relevance_per_sample_seeds(tmp_path: Path, seeded_seed: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    x = np.load(MODELS / "seed_vgg_input.npy")
+    np.save(tmp_path / "x.npy", np.stack([x, x, x]))
+    seeds = np.zeros((3, 100), np.float32)
+    seeds[0, 1], seeds[1, 2], seeds[2, 3] = 1.0, 2.0, -1.0
+    np.save(tmp_path / "seeds.npy", seeds)
+    code, stdout, _ = cli(capsys, "explain", seeded_seed, tmp_path / "x.npy", "--batch-size",
+                          "2", "--output-relevance", tmp_path / "seeds.npy")
+    assert code == 0
+    sums = [line.split("output_relevance sum ")[1].split(",")[0]
+            for line in stdout.splitlines() if "output_relevance sum" in line]
+    assert sums == ["1", "2", "-1"]
+
+
+@pytest.mark.parametrize("case", ["target_given", "seed_missing", "seed_for_target_model",
+                                  "seed_shape", "seed_count", "logit_seed"])
+def test_output_relevance_refusals(case: str, tmp_path: Path, seeded_seed: Path,
+                                   compiled_seed: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Exit 1, one line, nothing written."""
+    out = tmp_path / "out"
+    seed = tmp_path / "seed.npy"
+    np.save(seed, np.ones(100, np.float32))
+    x = MODELS / "seed_vgg_input.npy"
+    if case == "target_given":
+        args, needles = [seeded_seed, x, "--target", "3"], ["--target", "--output-relevance"]
+    elif case == "seed_missing":
+        args, needles = [seeded_seed, x], ["compiled with --output-relevance", "[N, 100]"]
+    elif case == "seed_for_target_model":
+        args, needles = [compiled_seed, x, "--output-relevance", seed], ["compiled without it"]
+    elif case == "seed_shape":
+        np.save(seed, np.ones((7,), np.float32))
+        args, needles = [seeded_seed, x, "--output-relevance", seed], [str(seed), "[7]"]
+    elif case == "seed_count":
+        np.save(seed, np.ones((2, 100), np.float32))
+        args, needles = [seeded_seed, x, "--output-relevance", seed], ["one per sample (1)"]
+    else:
+        result = cli(capsys, "convert", SEED, tmp_path / "m.onnx", "--output-relevance",
+                     "--logit-seed")
+        assert_refused(result, "--logit-seed", "--output-relevance")
+        assert not (tmp_path / "m.onnx").exists()
+        return
+    assert_refused(cli(capsys, "explain", *args, "--out", out), *needles)
+    assert not out.exists()
+
+
+def _masked_model_file(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["input", "mask"], ["xm"], name="masking"),
+         helper.make_node("MatMul", ["xm", "W"], ["logits"], name="fc")], "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        initializer=[w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                ir_version=8), path)
+    return path
+
+
+def test_input_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = _masked_model_file(tmp_path / "masked.onnx")
+    out = tmp_path / "masked.lrp.onnx"
+    for cmd in (["convert", model, out], ["show", model], ["check", model]):
+        assert_refused(cli(capsys, *cmd), "'input', 'mask'", "--input NAME")
+    assert not out.exists()
+    assert_refused(cli(capsys, "convert", model, out, "--input", "W"), "'W'")
+    assert not out.exists()
+    assert cli(capsys, "convert", model, out, "--input", "input")[0] == 0
+    compiled = onnx.load(out)
+    assert [i.name for i in compiled.graph.input] == ["input", "mask", "target"]
+    code, stdout, _ = cli(capsys, "show", model, "--input", "mask", "--flat")
+    assert code == 0 and "layers" in stdout
+    assert cli(capsys, "check", model, "--input", "input")[0] == 0
+    assert cli(capsys, "check", out)[0] == 0  # the explained input is read from the file
+    np.save(tmp_path / "x.npy", np.ones((1, 4), np.float32))
+    assert_refused(cli(capsys, "explain", out, tmp_path / "x.npy"), "also takes 'mask'",
+                   "inputs=")
+
+
+def test_output_relevance_subprocess_error_is_one_line(tmp_path: Path, seeded_seed: Path
+                                                       ) -> None:
+    assert_clean_failure(run_cli("explain", seeded_seed, MODELS / "seed_vgg_input.npy",
+                                 "--target", "1"), "--output-relevance")
