@@ -466,8 +466,8 @@ def vgg16_inputs(directory: str | os.PathLike[str], model: Any | None = None) ->
 
     ``well_conditioned_inputs`` with seed 1, screened by :func:`rounding_sensitivity` under
     Zennit's EpsilonPlusFlat only: a float64 Zennit VGG16 pass is slow (seconds per sample on
-    the 2-core CI machine), and the ill-conditioning met on VGG16 (max-pool near-ties, dense units near zero)
-    does not depend on the conv rule. ``model`` defaults to ``vgg16(seed=0)``.
+    the 2-core CI machine), and the ill-conditioning met on VGG16 (max-pool near-ties, dense
+    units near zero) does not depend on the conv rule. ``model`` defaults to ``vgg16(seed=0)``.
     """
     def draw() -> np.ndarray:
         from zennit.composites import EpsilonPlusFlat
