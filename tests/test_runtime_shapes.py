@@ -1,8 +1,8 @@
 """Shapes computed at run time (issue 14, part 1): a dynamic batch whose Reshape targets are
-built from ``Shape`` of the batch (legacy torch exports of ``x.view(x.size(0), -1)`` and of a
-channel shuffle) or pass through ``Mod`` of constants compile, and explain as the static-shape
-export of the same model does (and, for the flatten, as Zennit does); a dim no analysis can fix
-gives a one-line error naming the node."""
+built from ``Shape`` of the batch (legacy torch exports of ``x.view(x.size(0), -1)``, of a mean
+after ``x.view(x.size(0), 4, -1)`` and of a channel shuffle) or pass through ``Mod`` of
+constants compile, and explain as the static-shape export of the same model does (and, for the
+flatten, as Zennit does); a dim no analysis can fix gives a one-line error naming the node."""
 
 from __future__ import annotations
 
@@ -59,6 +59,20 @@ class Shuffle(nn.Module):
         x = self.shuffle(torch.relu(self.conv(x)))
         x = self.shuffle(torch.relu(self.grouped(x)))
         return self.dense(x.mean((2, 3)))
+
+
+class ViewMean(nn.Module):
+    """conv -> relu -> ``x.view(x.size(0), 4, -1).mean(2)`` -> linear: ONNX shape inference
+    knows the mean's output but not the size it averages over (was ``ZeroDivisionError``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.dense = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv(x))
+        return self.dense(x.view(x.size(0), 4, -1).mean(2))
 
 
 def _export(model: nn.Module, path: Path, batch: int | None) -> Path:
@@ -127,7 +141,8 @@ def _assert_same(dynamic: LRP, static: dict[int, LRP]) -> None:
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7 * float(np.abs(want).max()))
 
 
-@pytest.fixture(scope="module", params=[Flatten, Shuffle], ids=["flatten", "shuffle"])
+@pytest.fixture(scope="module", params=[Flatten, Shuffle, ViewMean],
+                ids=["flatten", "shuffle", "view-mean"])
 def exports(request: pytest.FixtureRequest,
             tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path, dict[int, Path]]:
     torch.manual_seed(0)

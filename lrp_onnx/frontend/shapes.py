@@ -102,15 +102,16 @@ def fold_constants(skel: onnx.ModelProto) -> int:
                        for a in node.attribute)):
             keep.append(node)
             continue
-        feeds = {n: numpy_helper.to_array(consts[n]) for n in ins}
-        one = onnx.helper.make_model(
-            onnx.helper.make_graph(
-                [node], "fold",
-                [onnx.helper.make_tensor_value_info(n, consts[n].data_type, list(consts[n].dims))
-                 for n in dict.fromkeys(ins)],
-                [onnx.helper.make_empty_tensor_value_info(o) for o in node.output if o]),
-            opset_imports=list(skel.opset_import), ir_version=skel.ir_version)
         try:
+            feeds = {n: numpy_helper.to_array(consts[n]) for n in ins}
+            one = onnx.helper.make_model(
+                onnx.helper.make_graph(
+                    [node], "fold",
+                    [onnx.helper.make_tensor_value_info(n, consts[n].data_type,
+                                                        list(consts[n].dims))
+                     for n in dict.fromkeys(ins)],
+                    [onnx.helper.make_empty_tensor_value_info(o) for o in node.output if o]),
+                opset_imports=list(skel.opset_import), ir_version=skel.ir_version)
             values = ReferenceEvaluator(one).run(None, feeds)
         except Exception:  # noqa: BLE001 - a node the evaluator cannot run stays a node
             keep.append(node)
