@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 from lrp_onnx.emit.registry import Kind, Sign, is_kind, spec_of
 from lrp_onnx.errors import UnsupportedAttribute, UnsupportedModel, node_label
 from lrp_onnx.frontend.load import default_opset, shape_inference_error
+from lrp_onnx.frontend.shapes import resolve
 
 
 def _float_dtype(t: gs.Tensor) -> bool:
@@ -90,6 +91,9 @@ class Graph:
         self.scopes = {n.name: scope_of(n) for n in model.graph.node}
         self.node_meta = {n.name: list(n.metadata_props) for n in model.graph.node
                           if len(n.metadata_props)}
+        #: dims ONNX shape inference left unknown that run-time shape arithmetic fixes
+        #: (:mod:`lrp_onnx.frontend.shapes`); read by :meth:`shape`, never exported
+        self.facts = resolve(model)
         try:
             self.gs = gs.import_onnx(model)
             self.gs.toposort()
@@ -270,16 +274,25 @@ class Graph:
         return None if t is None else self.const_value(t)
 
     def shape(self, t: gs.Tensor, node: gs.Node | None = None) -> list[int | None]:
-        """Static shape of ``t``; dynamic dims are ``None``. Raises if the rank is unknown."""
+        """Static shape of ``t``; dynamic dims are ``None``. Raises if the rank is unknown.
+
+        Dims ONNX shape inference left unknown are filled from the run-time shape facts
+        (``self.facts``) where those fix them."""
         if isinstance(t, gs.Constant):
             return list(t.shape)
+        fact = self.facts.get(t.name)
         if t.shape is None:
+            if fact is not None:
+                return list(fact)
             where = f" at node {node_label(node.name, node.op)}" if node is not None else ""
             raise UnsupportedModel(
                 f"{self.label}: shape of '{t.name}' is unknown{where}; shape inference could "
                 f"not derive it{self._shape_inference_reason()}"
             )
-        return [d if isinstance(d, int) and d >= 0 else None for d in t.shape]
+        dims = [d if isinstance(d, int) and d >= 0 else None for d in t.shape]
+        if fact is not None and len(fact) == len(dims):
+            dims = [f if d is None else d for d, f in zip(dims, fact)]
+        return dims
 
     def check_weights(self) -> None:
         """Weights have the rank their op requires (its ``weight_rank`` fact; a scalar or

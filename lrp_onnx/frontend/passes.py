@@ -11,6 +11,14 @@ memory. None of these passes changes a computed value; they rename, alias and an
   ``reduction``);
 * ``infer_shapes``: static shapes and dtypes for every value.
 
+Where ONNX shape inference leaves a dim unknown that is fixed in fact (a Reshape target computed
+at run time from the batch size, ``Shape -> Gather -> Unsqueeze -> Concat``, or through ``Mod``
+of constants), :func:`lrp_onnx.frontend.shapes.resolve` recovers it on a weight-free skeleton
+(constant shape arithmetic folded, then ONNX Runtime's symbolic shape inference and ONNX's data
+propagation); the graph view reads those facts in its shape lookups. They are not written into
+the model (its value_info stays the one ``infer_shapes`` wrote), so a model whose shapes were
+already known compiles to the same bytes, and a model without gaps runs nothing more.
+
 Folding BatchNormalization into the preceding Conv/Gemm and fusing MatMul+Add happen in the
 layer view (:mod:`lrp_onnx.frontend.layers`): the forward nodes stay as exported, so the original
 outputs are bit-for-bit those of the input model, and only the relevance pass uses the folded

@@ -6,7 +6,8 @@ Two generators, shared by ``scripts/fuzz.py`` (any number of cases) and
 
 * :func:`graph_case` builds a random small CNN as ONNX (convolutions with random kernels,
   strides, asymmetric pads, dilations, groups, with/without bias; ReLU; average pools; residual
-  ``Add``; channel ``Concat``; a ``Gemm`` head) with a random rule per convolution/dense layer,
+  ``Add``; channel ``Concat``; a ``Gemm`` head, flattened by ``Flatten`` or, one case in three,
+  by a Reshape whose target is computed at run time) with a random rule per convolution/dense layer,
   compiles it and compares ONNX Runtime's float32 relevance with a float64 numpy reference
   written here from the math: every linear layer is its dense Jacobian, built by this module's
   own loop convolution on unit vectors, and the rules are :mod:`lrp_onnx.testing.references`'
@@ -148,6 +149,9 @@ class RandomCNN:
     rules: dict[str, str]  # layer node name -> rule choice
     sample: tuple[int, int, int]
     classes: int
+    #: flatten with a Reshape whose target is computed at run time (``Shape -> Gather ->
+    #: Unsqueeze -> Concat``: a legacy torch export of ``x.view(x.size(0), -1)``)
+    runtime_flatten: bool = False
 
     def onnx_model(self, static_batch: int | None) -> onnx.ModelProto:
         nodes = []
@@ -174,6 +178,8 @@ class RandomCNN:
             elif op.kind == "concat":
                 nodes.append(helper.make_node("Concat", op.inputs, [op.output], name=op.name,
                                               axis=1))
+            elif op.kind == "flatten" and self.runtime_flatten:
+                nodes += _runtime_flatten(op)
             elif op.kind == "flatten":
                 nodes.append(helper.make_node("Flatten", op.inputs, [op.output], name=op.name,
                                               axis=1))
@@ -183,6 +189,10 @@ class RandomCNN:
         batch: Any = static_batch if static_batch else "N"
         inits = [numpy_helper.from_array(v.astype(np.float32), k)
                  for k, v in self.weights.items()]
+        if self.runtime_flatten:
+            inits += [numpy_helper.from_array(np.array(0, np.int64), "flatten.zero"),
+                      numpy_helper.from_array(np.array([0], np.int64), "flatten.axis"),
+                      numpy_helper.from_array(np.array([-1], np.int64), "flatten.rest")]
         graph = helper.make_graph(
             nodes, "fuzz",
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, *self.sample])],
@@ -263,6 +273,20 @@ class RandomCNN:
             for name, r in zip(op.inputs, r_in):
                 rel[name] = rel[name] + r if name in rel else r
         return rel["x"]
+
+
+def _runtime_flatten(op: Op) -> list[onnx.NodeProto]:
+    """``Reshape(x, Concat(Unsqueeze(Gather(Shape(x), 0)), [-1]))``, as the legacy torch
+    exporter writes ``x.view(x.size(0), -1)`` with a dynamic batch."""
+    n = op.name
+    return [helper.make_node("Shape", op.inputs, [f"{n}.shape"], name=f"{n}.shape"),
+            helper.make_node("Gather", [f"{n}.shape", f"{n}.zero"], [f"{n}.n"],
+                             name=f"{n}.gather", axis=0),
+            helper.make_node("Unsqueeze", [f"{n}.n", f"{n}.axis"], [f"{n}.n1"],
+                             name=f"{n}.unsqueeze"),
+            helper.make_node("Concat", [f"{n}.n1", f"{n}.rest"], [f"{n}.target"],
+                             name=f"{n}.concat", axis=0),
+            helper.make_node("Reshape", [op.inputs[0], f"{n}.target"], [op.output], name=n)]
 
 
 def _f32(a: np.ndarray) -> np.ndarray:
@@ -384,6 +408,7 @@ def graph_case(seed: int) -> Outcome:
     x = rng.standard_normal((3, *net.sample)).astype(np.float32)
     target = np.array([-1, int(rng.integers(0, net.classes)), -1], dtype=np.int64)
     static = None if rng.random() < 0.7 else 3
+    net.runtime_flatten = seed % 3 == 1  # no draw: the other seeds' models stay as they were
     try:
         analyzer = LRP(net.onnx_model(static), net.composite())
         got = analyzer.analyze(x, target, device="cpu").relevance.astype(np.float64)

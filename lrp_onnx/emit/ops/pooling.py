@@ -21,7 +21,7 @@ from lrp_onnx.emit.builder import Builder
 from lrp_onnx.emit.denominators import divide
 from lrp_onnx.emit.ops.linear_ops import explicit_pads, transpose_padding
 from lrp_onnx.emit.registry import Kind, Sign, Support, declare, emitter
-from lrp_onnx.errors import UnsupportedAttribute, node_label
+from lrp_onnx.errors import UnsupportedAttribute, UnsupportedModel, node_label
 from lrp_onnx.frontend.graph import Graph, attr, check_attrs, ints
 from lrp_onnx.frontend.layers import Layer, fmt_tuple, window_args
 from lrp_onnx.rules.core import Z_RULES, Rule, ZeroRule, rule_eps
@@ -130,11 +130,17 @@ def average_pool(b: Builder, layer: Layer, rule: Rule,
 
 def _mean_back(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor, axes: list[int],
                keepdims: bool) -> gs.Tensor:
-    x = layer.inputs[0]
-    dims = b.graph.shape(x, layer.primary)
+    x, node = layer.inputs[0], layer.primary
+    dims = b.graph.shape(x, node)
+    unknown = [a for a in axes if dims[a] is None]
+    if unknown:
+        raise UnsupportedModel(
+            f"{b.graph.label}: node {node_label(node.name, node.op, b.graph.opset)} averages "
+            f"over axes {unknown} of '{x.name}', whose size is not known before run time "
+            f"(shape {['?' if d is None else d for d in dims]}); re-export with a fixed size")
     n = 1
     for a in axes:
-        n *= int(dims[a] or 0)
+        n *= int(dims[a])  # type: ignore[arg-type]
     s = divide(b, r_out, layer.primary.outputs[0], rule_eps(rule))
     if not keepdims:
         s = b.op("Unsqueeze", s, b.ints(axes), tag="s/unsqueeze")

@@ -1,0 +1,233 @@
+"""Shapes computed at run time (issue 14, part 1): a dynamic batch whose Reshape targets are
+built from ``Shape`` of the batch (legacy torch exports of ``x.view(x.size(0), -1)``, of a mean
+after ``x.view(x.size(0), 4, -1)`` and of a channel shuffle) or pass through ``Mod`` of
+constants compile, and explain as the static-shape export of the same model does (and, for the
+flatten, as Zennit does); a dim no analysis can fix gives a one-line error naming the node."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from lrp_onnx import LRP, EpsilonPlusFlat
+from lrp_onnx.frontend import shapes
+from lrp_onnx.frontend.load import load_model
+from lrp_onnx.frontend.passes import run_passes
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+SHAPE = (3, 8, 8)
+BATCHES = (1, 3)
+
+
+class Flatten(nn.Module):
+    """conv -> relu -> ``x.view(x.size(0), -1)`` -> linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.dense = nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv(x))
+        return self.dense(x.view(x.size(0), -1))
+
+
+class Shuffle(nn.Module):
+    """conv -> relu -> channel shuffle -> grouped conv -> relu -> channel shuffle ->
+    ``x.mean((2, 3))`` -> linear (the mean reads the shuffled dims)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.grouped = nn.Conv2d(8, 8, 1, groups=2)
+        self.dense = nn.Linear(8, 5)
+
+    @staticmethod
+    def shuffle(x: torch.Tensor, groups: int = 2) -> torch.Tensor:
+        n, c, h, w = x.shape
+        return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, -1, h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.shuffle(torch.relu(self.conv(x)))
+        x = self.shuffle(torch.relu(self.grouped(x)))
+        return self.dense(x.mean((2, 3)))
+
+
+class ViewMean(nn.Module):
+    """conv -> relu -> ``x.view(x.size(0), 4, -1).mean(2)`` -> linear: ONNX shape inference
+    knows the mean's output but not the size it averages over (was ``ZeroDivisionError``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.dense = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv(x))
+        return self.dense(x.view(x.size(0), 4, -1).mean(2))
+
+
+def _export(model: nn.Module, path: Path, batch: int | None) -> Path:
+    """Legacy export; ``batch=None``: dynamic batch ``N``, else that fixed batch."""
+    kwargs = {"input_names": ["input"], "output_names": ["logits"]}
+    if batch is None:
+        kwargs["dynamic_axes"] = {"input": {0: "N"}, "logits": {0: "N"}}
+    example = torch.zeros(batch or 1, *SHAPE)
+    torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17, **kwargs)
+    return path
+
+
+def _mod_model(batch: int | None, *, runtime_target: bool = True,
+               unresolvable: bool = False) -> onnx.ModelProto:
+    """conv -> relu -> Reshape to ``[N, 10 % 4, -1]`` (``Mod`` of constants, ONNX shape
+    inference cannot evaluate it) -> mean over the last axis -> dense. ``runtime_target=False``:
+    the target is the constant ``[batch, 2, 256]``; ``unresolvable``: the last entry of the
+    target is an int64 graph input (its size is not known before run time)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 1, 1)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal((5, 2)).astype(np.float32), "D"),
+             numpy_helper.from_array(np.array(0, np.int64), "zero"),
+             numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+             numpy_helper.from_array(np.array([10], np.int64), "ten"),
+             numpy_helper.from_array(np.array([4], np.int64), "four"),
+             numpy_helper.from_array(np.array([-1], np.int64), "rest"),
+             numpy_helper.from_array(np.array([batch or 1, 2, 256], np.int64), "fixed")]
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch or "N", 3, 8, 8])]
+    nodes = [helper.make_node("Conv", ["input", "W"], ["c"], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu")]
+    target = "fixed"
+    if runtime_target:
+        last = "rest"
+        if unresolvable:
+            inputs.append(helper.make_tensor_value_info("rest_in", TensorProto.INT64, [1]))
+            last = "rest_in"
+        nodes += [helper.make_node("Shape", ["r"], ["s"], name="shape"),
+                  helper.make_node("Gather", ["s", "zero"], ["n"], name="gather", axis=0),
+                  helper.make_node("Unsqueeze", ["n", "axis0"], ["n1"], name="unsqueeze"),
+                  helper.make_node("Mod", ["ten", "four"], ["m"], name="mod"),
+                  helper.make_node("Concat", ["n1", "m", last], ["t"], name="concat", axis=0)]
+        target = "t"
+    nodes += [helper.make_node("Reshape", ["r", target], ["y"], name="reshape"),
+              helper.make_node("ReduceMean", ["y"], ["mean"], name="mean", axes=[2], keepdims=0),
+              helper.make_node("Gemm", ["mean", "D"], ["logits"], name="dense", transB=1)]
+    graph = helper.make_graph(
+        nodes, "mod", inputs,
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch or "N", 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _inputs(batch: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, *SHAPE)).astype(np.float32)
+
+
+def _assert_same(dynamic: LRP, static: dict[int, LRP]) -> None:
+    """The dynamic-batch compile explains batches 1 and 3 as the static export of each batch."""
+    for batch in BATCHES:
+        x = _inputs(batch)
+        target = np.arange(batch) % 5
+        got = dynamic.analyze(x, target, device="cpu").relevance
+        want = static[batch].analyze(x, target, device="cpu").relevance
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7 * float(np.abs(want).max()))
+
+
+@pytest.fixture(scope="module", params=[Flatten, Shuffle, ViewMean],
+                ids=["flatten", "shuffle", "view-mean"])
+def exports(request: pytest.FixtureRequest,
+            tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path, dict[int, Path]]:
+    torch.manual_seed(0)
+    model = request.param().eval()
+    folder = tmp_path_factory.mktemp(request.param.__name__)
+    dynamic = _export(model, folder / "dynamic.onnx", None)
+    static = {b: _export(model, folder / f"static{b}.onnx", b) for b in BATCHES}
+    return model, dynamic, static
+
+
+def test_torch_runtime_reshapes_match_the_static_export(
+        exports: tuple[nn.Module, Path, dict[int, Path]]) -> None:
+    _, dynamic, static = exports
+    _assert_same(LRP(dynamic, EpsilonPlusFlat()),
+                 {b: LRP(p, EpsilonPlusFlat()) for b, p in static.items()})
+
+
+def test_mod_of_constants_in_a_reshape_target() -> None:
+    dynamic = LRP(_mod_model(None), EpsilonPlusFlat())
+    _assert_same(dynamic, {b: LRP(_mod_model(b, runtime_target=False), EpsilonPlusFlat())
+                           for b in BATCHES})
+
+
+def test_flatten_matches_zennit(tmp_path: Path) -> None:
+    zennit = pytest.importorskip("zennit")
+    import zennit.composites as zc
+
+    from lrp_onnx.testing import oracle
+
+    assert zennit is not None
+    torch.manual_seed(0)
+    model = Flatten().eval()
+    path = _export(model, tmp_path / "flatten.onnx", None)
+    analyzer = LRP(path, EpsilonPlusFlat())
+    for batch in BATCHES:
+        x = oracle.well_conditioned_inputs(model, SHAPE, batch, seed=batch)
+        logits, target = oracle.torch_targets(model, x)
+        expl = analyzer.analyze(x, target, device="cpu")
+        np.testing.assert_allclose(expl.output, logits, rtol=1e-4, atol=1e-5)
+        _, ref = oracle.zennit_relevance(model, x, zc.EpsilonPlusFlat(), target, 5)
+        oracle.assert_agreement(expl.relevance, ref, f"runtime flatten batch {batch}")
+
+
+def test_facts_stay_out_of_the_compiled_model(
+        exports: tuple[nn.Module, Path, dict[int, Path]]) -> None:
+    """The compiled file keeps ONNX shape inference's value_info (the facts are the graph
+    view's), and the batch stays dynamic."""
+    _, dynamic, _ = exports
+    proto, label = load_model(str(dynamic), {})
+    inferred = run_passes(proto, label)
+    before = {vi.name: vi.SerializeToString() for vi in inferred.graph.value_info}
+    facts = shapes.resolve(inferred)
+    assert facts, "ONNX shape inference left no gap: the test models do not test anything"
+    compiled = LRP(dynamic, EpsilonPlusFlat()).model
+    after = {vi.name: vi.SerializeToString() for vi in compiled.graph.value_info}
+    assert {k: after[k] for k in before} == before
+    dim = compiled.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim.dim_param == "N"
+
+
+def test_no_gaps_no_work(seed_model_path: Path) -> None:
+    """A model whose shapes ONNX shape inference fixes entirely runs no extra inference."""
+    proto, label = load_model(str(seed_model_path), {})
+    assert not shapes.has_gaps(run_passes(proto, label))
+
+
+def test_constant_folding_only_touches_the_skeleton() -> None:
+    model = _mod_model(None)
+    skel = onnx.ModelProto()
+    skel.CopyFrom(model)
+    assert shapes.fold_constants(skel) == 1  # the Mod
+    assert "mod" not in {n.name for n in skel.graph.node}
+    assert "mod" in {n.name for n in model.graph.node}
+
+
+def test_unresolvable_dim_is_a_clean_cli_error(tmp_path: Path) -> None:
+    src = tmp_path / "unresolvable.onnx"
+    onnx.save(_mod_model(None, unresolvable=True), str(src))
+    proc = subprocess.run([sys.executable, "-m", "lrp_onnx.cli", "convert", str(src),
+                           str(tmp_path / "out.onnx")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("lrp-onnx: error: ")
+    assert "'mean' (ReduceMean" in err and "not known before run time" in err, err
+    assert not (tmp_path / "out.onnx").exists()
