@@ -269,3 +269,10 @@ def test_chosen_input_matches_the_mask_as_a_constant(tmp_path: Path) -> None:
     analyzer.save(path)
     report = check_model(path)
     assert report.ok, report.to_json()
+
+
+def test_output_relevance_model_has_cuda_kernels(seed_analyzers: tuple[LRP, LRP]) -> None:
+    """The explicit seed adds no node without a CUDA kernel (tests/test_cuda_ep.py's check)."""
+    from cuda_kernels import cuda_gaps
+
+    assert cuda_gaps(seed_analyzers[1].model) == []

@@ -16,6 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lrp_onnx import LRP, EpsilonPlusFlat
+from lrp_onnx import Composite as ZeroComposite
 from lrp_onnx.frontend import shapes
 from lrp_onnx.frontend.load import load_model
 from lrp_onnx.frontend.passes import run_passes
@@ -158,6 +159,18 @@ def test_torch_runtime_reshapes_match_the_static_export(
     _, dynamic, static = exports
     _assert_same(LRP(dynamic, EpsilonPlusFlat()),
                  {b: LRP(p, EpsilonPlusFlat()) for b, p in static.items()})
+
+
+def test_runtime_shape_models_have_cuda_kernels(
+        exports: tuple[nn.Module, Path, dict[int, Path]]) -> None:
+    """The compiled run-time-reshape models (and the ``Mod`` one) place no node on the CPU
+    under the CUDA EP (the kernel check of tests/test_cuda_ep.py)."""
+    from cuda_kernels import cuda_gaps
+
+    _, dynamic, _ = exports
+    for composite in (EpsilonPlusFlat(), ZeroComposite()):
+        assert cuda_gaps(LRP(dynamic, composite).model) == []
+    assert cuda_gaps(LRP(_mod_model(None), EpsilonPlusFlat()).model) == []
 
 
 def test_mod_of_constants_in_a_reshape_target() -> None:
