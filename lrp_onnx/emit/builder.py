@@ -124,9 +124,19 @@ class Builder:
     def zeros_like(self, value: gs.Tensor, tag: str = "zeros") -> gs.Tensor:
         """Zeros shaped like ``value`` at run time (``Where(false, value, 0)``: no NaN from
         ``0 * inf``, no Shape/ConstantOfShape that an EP may place on the CPU)."""
+        return self.filled_like(value, self.scalar(0.0), tag=tag)
+
+    def filled_like(self, value: gs.Tensor, fill: gs.Tensor, tag: str) -> gs.Tensor:
+        """``fill`` broadcast to the shape of ``value`` at run time (``Where(false, value,
+        fill)``; ``value``'s numbers are never read)."""
         false = self.cached(("false",), lambda: gs.Constant("lrp/const/false",
                                                             np.array(False)))
-        return self.op("Where", false, value, self.scalar(0.0), tag=tag)
+        return self.op("Where", false, value, fill, tag=tag)
+
+    def first_sample(self, value: gs.Tensor, tag: str) -> gs.Tensor:
+        """``value[:1]``: one sample, for constants shaped like a sample whose size is known
+        only at run time."""
+        return self.op("Slice", value, self.ints([0]), self.ints([1]), self.ints([0]), tag=tag)
 
     def expect_shape(self, rel: gs.Tensor, like: gs.Tensor) -> None:
         """Record that ``rel`` must have the shape of ``like`` (checked after compilation)."""

@@ -119,7 +119,7 @@ def _select(b: Builder, layer: Layer, x: gs.Tensor, sel: Sel, rule: LinearRule,
     if sel in cache:
         return cache[sel]
     nonneg = b.options.sign_analysis and b.graph.is_nonneg(x)
-    sample = b.graph.sample_shape(x, layer.primary)
+    sample = b.graph.shape(x, layer.primary)[1:]
     out: gs.Tensor | None
     if sel is Sel.X:
         out = x
@@ -128,24 +128,42 @@ def _select(b: Builder, layer: Layer, x: gs.Tensor, sel: Sel, rule: LinearRule,
     elif sel is Sel.NEG:
         out = None if nonneg else negative(b, x)
     elif sel is Sel.ONES:
-        out = b.cached(("ones", tuple(sample), b.dtype.str),
-                       lambda: b.const(np.ones([1, *sample]), "ones"))
+        if None in sample:  # ones shaped like one sample, its size known at run time
+            out = b.filled_like(_first(b, x), b.scalar(1.0), tag="ones")
+        else:
+            dims = [int(d) for d in sample if d is not None]
+            out = b.cached(("ones", tuple(dims), b.dtype.str),
+                           lambda: b.const(np.ones([1, *dims]), "ones"))
     elif sel in (Sel.LOW, Sel.HIGH):
         bound = np.asarray(getattr(rule, "low" if sel is Sel.LOW else "high"), dtype=np.float64)
+        known = [1 if d is None else d for d in sample]
         try:
-            full = np.broadcast_to(bound, [1, *sample])
+            full = np.broadcast_to(bound, [1, *known])
+            lead = [1] * (len(known) + 1 - bound.ndim)
+            if any(d != 1 and size is None for d, size in zip([*lead, *bound.shape],
+                                                              [1, *sample])):
+                raise ValueError  # varies along an axis whose size is known only at run time
         except ValueError:
             from lrp_onnx.errors import RuleNotApplicable
 
+            shown = tuple("?" if d is None else d for d in sample)
             raise RuleNotApplicable(
                 f"{rule!r} on layer '{layer.name}': bound of shape {bound.shape} does not "
-                f"broadcast to the input sample shape {tuple(sample)}"
+                f"broadcast to the input sample shape {shown}"
             ) from None
-        out = b.const(full, sel.value)
+        if None in sample:  # per-channel bound, broadcast over H/W at run time
+            out = b.filled_like(_first(b, x), b.const(full, sel.value), tag=sel.value)
+        else:
+            out = b.const(full, sel.value)
     else:  # pragma: no cover - enum is closed
         raise AssertionError(sel)
     cache[sel] = out
     return out
+
+
+def _first(b: Builder, x: gs.Tensor) -> gs.Tensor:
+    """``x[:1]``, shared by the terms of a layer that read one sample's shape."""
+    return b.cached(("first", x.name), lambda: b.first_sample(x, tag="x1"))
 
 
 def emit_linear(b: Builder, rule: LinearRule, op: LinearOp, r_out: gs.Tensor) -> gs.Tensor:

@@ -110,14 +110,6 @@ class Graph:
                 f"{label}: input '{self.data_input.name}' has shape {shape}; a batch dimension "
                 "followed by the sample dimensions is required"
             )
-        dynamic = [i for i, d in enumerate(shape[1:], start=1) if not isinstance(d, int)]
-        if dynamic:
-            raise UnsupportedModel(
-                f"{label}: input '{self.data_input.name}' has dynamic non-batch dimensions "
-                f"{[shape[i] for i in dynamic]} (shape {list(shape)}); re-export with a fixed "
-                "input size (only the batch dimension may be dynamic)"
-            )
-
         outs = {o.name: o for o in self.gs.outputs}
         if output is None:
             self.explained = self.gs.outputs[0]
@@ -318,13 +310,14 @@ class Graph:
         return f" (first error: {error})" if error else ""
 
     def sample_shape(self, t: gs.Tensor, node: gs.Node) -> list[int]:
-        """Shape of ``t`` without its batch dim; raises when any of those dims is dynamic."""
+        """Shape of ``t`` without its batch dim; raises (one line, naming the node) when any of
+        those dims is known only at run time: for emitters that need every size as a number."""
         dims = self.shape(t, node)
         rest = dims[1:]
         if any(d is None for d in rest):
             raise UnsupportedModel(
                 f"{self.label}: value '{t.name}' at node {node_label(node.name, node.op)} has "
-                f"dynamic non-batch dims {t.shape}; only the batch dimension may be dynamic"
+                f"dynamic non-batch dims {t.shape}, whose sizes this node needs before run time"
             )
         return [int(d) for d in rest]  # type: ignore[arg-type]
 

@@ -3,7 +3,6 @@ parameters, transpose), with BatchNormalization and ``Add(const)`` bias folding.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -11,6 +10,7 @@ import onnx_graphsurgeon as gs
 
 from lrp_onnx.emit.builder import Builder
 from lrp_onnx.emit.linear import LinearOp, emit_linear
+from lrp_onnx.emit.ops.windows import explicit_pads, fit_like, transpose_geometry
 from lrp_onnx.emit.registry import Kind, Support, declare, emitter
 from lrp_onnx.errors import UnsupportedAttribute, UnsupportedOp, node_label
 from lrp_onnx.frontend.graph import Graph, attr, check_attrs, ints
@@ -62,50 +62,6 @@ def _bias_add_vector(b: Builder, layer: Layer, channels: int, feature_axis: int,
     return np.broadcast_to(value, shape).reshape(channels).copy()
 
 
-def explicit_pads(node: gs.Node, opset: int, in_shape: Sequence[int], kernel: Sequence[int],
-                  strides: Sequence[int], dilations: Sequence[int]) -> list[int]:
-    """ONNX ``pads`` (begins then ends) with ``auto_pad`` resolved against static shapes."""
-    auto_pad = attr(node, "auto_pad", opset, "NOTSET")
-    n = len(kernel)
-    if auto_pad in ("NOTSET", ""):
-        pads = ints(attr(node, "pads", opset, None)) or [0] * (2 * n)
-        return pads
-    if auto_pad == "VALID":
-        return [0] * (2 * n)
-    begins, ends = [], []
-    for i in range(n):
-        out = -(-in_shape[i] // strides[i])
-        total = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - in_shape[i])
-        small, large = total // 2, total - total // 2
-        begins.append(small if auto_pad == "SAME_UPPER" else large)
-        ends.append(large if auto_pad == "SAME_UPPER" else small)
-    return begins + ends
-
-
-def transpose_padding(in_shape: Sequence[int], out_shape: Sequence[int], kernel: Sequence[int],
-                      strides: Sequence[int], dilations: Sequence[int],
-                      pads: Sequence[int]) -> tuple[list[int], list[int]]:
-    """``(pads, output_padding)`` for a ConvTranspose that maps ``out_shape`` back to ``in_shape``.
-
-    Forward windows: ``out = floor((in + pb + pe - ((k-1)d+1)) / s) + 1`` (or one more with
-    ``ceil_mode``). End pads are extended when a ceil-mode window overhangs, and
-    ``output_padding = in + pb + pe' - ((k-1)d+1) - (out-1)s`` restores the rows the stride dropped.
-    """
-    n = len(kernel)
-    new_pads = list(pads)
-    out_pad = []
-    for i in range(n):
-        span = (kernel[i] - 1) * dilations[i] + 1
-        pb, pe = pads[i], pads[i + n]
-        pe = max(pe, (out_shape[i] - 1) * strides[i] + span - in_shape[i] - pb)
-        new_pads[i + n] = pe
-        op = in_shape[i] + pb + pe - span - (out_shape[i] - 1) * strides[i]
-        if not 0 <= op < max(strides[i], dilations[i]):
-            raise ValueError(f"cannot invert window geometry along dim {i}")
-        out_pad.append(op)
-    return new_pads, out_pad
-
-
 class ConvOp(LinearOp):
     """``Conv`` (1-D, 2-D, 3-D; any stride, padding, dilation, group); transpose = ConvTranspose."""
 
@@ -124,12 +80,14 @@ class ConvOp(LinearOp):
         self.dilations = ints(attr(node, "dilations", g.opset, None)) or [1] * nd
         self.group = int(attr(node, "group", g.opset, 1))
         x = layer.inputs[0]
-        self.in_spatial = g.sample_shape(x, node)[1:]
-        self.out_spatial = g.sample_shape(node.outputs[0], node)[1:]
+        # spatial sizes; None where unknown before run time (a dynamic image size)
+        self.in_spatial = g.shape(x, node)[2:]
+        self.out_spatial = g.shape(node.outputs[0], node)[2:]
         self.pads = explicit_pads(node, g.opset, self.in_spatial, self.kernel, self.strides,
                                   self.dilations)
-        _, self.output_padding = transpose_padding(self.in_spatial, self.out_spatial, self.kernel,
-                                                   self.strides, self.dilations, self.pads)
+        self.t_pads, self.output_padding, self.extra = transpose_geometry(
+            self.in_spatial, self.out_spatial, self.kernel, self.strides, self.dilations,
+            self.pads)
         channels = int(w.shape[0])
         scale: np.ndarray | None = None
         bias: np.ndarray | None = None
@@ -179,8 +137,13 @@ class ConvOp(LinearOp):
             return self.b.op("Conv", s, wt, tag="convT", kernel_shape=self.kernel,
                              strides=self.strides, pads=pads, dilations=self.dilations,
                              group=self.group)
-        return self.b.op("ConvTranspose", s, w, tag="convT", output_padding=self.output_padding,
-                         **self._attrs())
+        if self.extra is None:
+            return self.b.op("ConvTranspose", s, w, tag="convT",
+                             output_padding=self.output_padding, **self._attrs())
+        # output_padding depends on a size known only at run time: fit the shape then
+        back = self.b.op("ConvTranspose", s, w, tag="convT", output_padding=self.output_padding,
+                         **{**self._attrs(), "pads": self.t_pads})
+        return fit_like(self.b, back, self.layer.inputs[0], self.extra, tag="convT/fit")
 
     def _flip_ops(self, w: gs.Tensor) -> gs.Tensor:
         """:func:`_flip_transpose` as ops on ``w`` (constant-folded by ONNX Runtime)."""

@@ -56,16 +56,27 @@ def _is_gate(op: str) -> bool:
 def _gate_index(b: Builder, layer: Layer) -> int:
     """Which of two data inputs of a ``Mul`` is the gate: the one a gate op (an op whose output
     lies in [0, 1]: Sigmoid, HardSigmoid, Softmax) made, else the one with fewer elements (a
-    broadcast scale), else the second."""
+    broadcast scale; with sizes known only at run time: the one whose dims are 1 where the
+    other's are not), else the second."""
     a, c = layer.inputs
     made = [b.graph.producer(t) for t in (a, c)]
     gated = [p is not None and _is_gate(p.op) for p in made]
     if gated[0] != gated[1]:
         return 0 if gated[0] else 1
-    sizes = [b.graph.sample_shape(t, layer.primary) for t in (a, c)]
-    counts = [int(np.prod(s)) for s in sizes]
-    if counts[0] != counts[1]:
-        return 0 if counts[0] < counts[1] else 1
+    sizes = [b.graph.shape(t, layer.primary)[1:] for t in (a, c)]
+    if all(d is not None for size in sizes for d in size):
+        counts = [int(np.prod(size)) for size in sizes]  # type: ignore[arg-type]
+        if counts[0] != counts[1]:
+            return 0 if counts[0] < counts[1] else 1
+        return 1
+    # a size known only at run time: the gate is the input whose dims are 1 where the other's
+    # are not (a per-channel scale [C, 1, 1] of a [C, H, W] value)
+    rank = max(len(size) for size in sizes)
+    one: list[int | None] = [1]
+    full = [one * (rank - len(size)) + size for size in sizes]
+    smaller = [any(d == 1 and o != 1 for d, o in zip(full[i], full[1 - i])) for i in (0, 1)]
+    if smaller[0] != smaller[1]:
+        return 0 if smaller[0] else 1
     return 1
 
 

@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from lrp_onnx.emit.builder import Builder
 from lrp_onnx.emit.denominators import divide
-from lrp_onnx.emit.ops.linear_ops import explicit_pads, transpose_padding
+from lrp_onnx.emit.ops.windows import explicit_pads, fit_like, transpose_geometry
 from lrp_onnx.emit.registry import Kind, Sign, Support, declare, emitter
 from lrp_onnx.errors import UnsupportedAttribute, UnsupportedModel, node_label
 from lrp_onnx.frontend.graph import Graph, attr, check_attrs, ints
@@ -99,52 +99,85 @@ def average_pool(b: Builder, layer: Layer, rule: Rule,
                                 "dilations": None, "kernel_shape": None, "pads": None,
                                 "strides": None})
     x, y = layer.inputs[0], node.outputs[0]
-    in_shape = g.sample_shape(x, node)
-    out_shape = g.sample_shape(y, node)
+    in_shape, out_shape = g.shape(x, node)[1:], g.shape(y, node)[1:]
     channels, in_sp, out_sp = in_shape[0], in_shape[1:], out_shape[1:]
+    label = node_label(node.name, node.op, g.opset)
+    if channels is None:
+        raise UnsupportedModel(f"{g.label}: node {label}: the channel count of '{x.name}' is "
+                               "not known before run time")
     kernel = ints(attr(node, "kernel_shape", g.opset, None))
     nd = len(kernel)
     strides = ints(attr(node, "strides", g.opset, None)) or [1] * nd
     dilations = ints(attr(node, "dilations", g.opset, None)) or [1] * nd
     include = bool(attr(node, "count_include_pad", g.opset, 0))
+    dynamic = any(d is None for d in (*in_sp, *out_sp))
+    if dynamic and bool(attr(node, "ceil_mode", g.opset, 0)):
+        raise UnsupportedAttribute(f"node {label}: ceil_mode=1 on a spatial axis whose size is "
+                                   "not known before run time (its window counts depend on the "
+                                   "size); re-export with a fixed input size")
     pads = explicit_pads(node, g.opset, in_sp, kernel, strides, dilations)
     try:
-        t_pads, out_pad = transpose_padding(in_sp, out_sp, kernel, strides, dilations, pads)
+        t_pads, out_pad, extra = transpose_geometry(in_sp, out_sp, kernel, strides,
+                                                          dilations, pads)
     except ValueError as exc:
-        raise UnsupportedAttribute(f"node {node_label(node.name, node.op, g.opset)}: {exc}") \
-            from None
-    cnt = np.ones([1, 1, *out_sp])
-    for i in range(nd):
-        c = _counts(in_sp[i], out_sp[i], kernel[i], strides[i], dilations[i], pads[i],
-                    pads[i + nd], include)
-        shape = [1] * (nd + 2)
-        shape[2 + i] = out_sp[i]
-        cnt = cnt * c.reshape(shape)
+        raise UnsupportedAttribute(f"node {label}: {exc}") from None
     s = divide(b, r_out, y, rule_eps(rule))
-    s = b.op("Mul", s, b.const(1.0 / cnt, "inv_count"), tag="s/count")
+    s = b.op("Mul", s, _inverse_counts(b, node, x, in_sp, out_sp, kernel, strides, dilations,
+                                       pads, include), tag="s/count")
     ones = b.const(np.ones([channels, 1, *kernel]), "window")
     back = b.op("ConvTranspose", s, ones, tag="convT", kernel_shape=kernel, strides=strides,
                 pads=t_pads, dilations=dilations, group=channels, output_padding=out_pad)
+    if extra is not None:  # output_padding depends on a size known only at run time
+        back = fit_like(b, back, x, extra, tag="convT/fit")
     return [b.op("Mul", x, back, tag="R")]
+
+
+def _inverse_counts(b: Builder, node: gs.Node, x: gs.Tensor, in_sp: list[int | None],
+                    out_sp: list[int | None], kernel: list[int], strides: list[int],
+                    dilations: list[int], pads: list[int], include: bool) -> gs.Tensor:
+    """``1 / count`` of each output window of an AveragePool (no ceil-mode overhang where a
+    size is unknown). Static sizes: a constant. Unknown sizes: the constant ``1 / prod(kernel)``
+    when every window has all its taps counted (no pads, or pads counted), else the counts at
+    run time: a ``Conv`` of ones over the input's spatial extent with the pool's geometry."""
+    nd = len(kernel)
+    if all(d is not None for d in (*in_sp, *out_sp)):
+        cnt = np.ones([1, 1, *(int(d) for d in out_sp if d is not None)])
+        for i in range(nd):
+            c = _counts(int(in_sp[i]), int(out_sp[i]), kernel[i], strides[i],  # type: ignore[arg-type]
+                        dilations[i], pads[i], pads[i + nd], include)
+            shape = [1] * (nd + 2)
+            shape[2 + i] = int(out_sp[i])  # type: ignore[arg-type]
+            cnt = cnt * c.reshape(shape)
+        return b.const(1.0 / cnt, "inv_count")
+    if include or not any(pads):
+        return b.const(np.full([1] * (nd + 2), 1.0 / float(np.prod(kernel))), "inv_count")
+    one = b.op("Slice", x, b.ints([0, 0]), b.ints([1, 1]), b.ints([0, 1]), tag="count/x1")
+    ones = b.filled_like(one, b.scalar(1.0), tag="count/ones")
+    taps = b.op("Conv", ones, b.const(np.ones([1, 1, *kernel]), "count/window"),
+                tag="count/conv", kernel_shape=kernel, strides=strides, pads=pads,
+                dilations=dilations)
+    return b.op("Reciprocal", taps, tag="inv_count")
 
 
 def _mean_back(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor, axes: list[int],
                keepdims: bool) -> gs.Tensor:
     x, node = layer.inputs[0], layer.primary
     dims = b.graph.shape(x, node)
-    unknown = [a for a in axes if dims[a] is None]
-    if unknown:
-        raise UnsupportedModel(
-            f"{b.graph.label}: node {node_label(node.name, node.op, b.graph.opset)} averages "
-            f"over axes {unknown} of '{x.name}', whose size is not known before run time "
-            f"(shape {['?' if d is None else d for d in dims]}); re-export with a fixed size")
-    n = 1
-    for a in axes:
-        n *= int(dims[a])  # type: ignore[arg-type]
     s = divide(b, r_out, layer.primary.outputs[0], rule_eps(rule))
     if not keepdims:
         s = b.op("Unsqueeze", s, b.ints(axes), tag="s/unsqueeze")
-    return b.op("Mul", x, b.op("Mul", s, b.scalar(1.0 / n), tag="s/mean"), tag="R")
+    if any(dims[a] is None for a in axes):  # the count n from the input's shape at run time
+        sizes = b.op("Cast", b.op("Shape", x, tag="n/shape"), tag="n/sizes",
+                     to=int(_onnx_dtype(b.dtype)))
+        n = b.op("ReduceProd", b.op("Gather", sizes, b.ints(axes), tag="n/axes", axis=0),
+                 tag="n", keepdims=0)
+        inv = b.op("Reciprocal", n, tag="inv_n")
+    else:
+        count = 1
+        for a in axes:
+            count *= int(dims[a])  # type: ignore[arg-type]
+        inv = b.scalar(1.0 / count)
+    return b.op("Mul", x, b.op("Mul", s, inv, tag="s/mean"), tag="R")
 
 
 @emitter("GlobalAveragePool", **_MEAN)
