@@ -60,6 +60,21 @@ class Shuffle(nn.Module):
         return self.dense(x.mean((2, 3)))
 
 
+class ShufflePool(Shuffle):
+    """:class:`Shuffle` with module pooling (``AdaptiveAvgPool2d``, which Zennit gives its
+    ``Norm`` rule, as the compiler's z-rule on the average) and a run-time flatten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.shuffle(torch.relu(self.conv(x)))
+        x = self.shuffle(torch.relu(self.grouped(x)))
+        x = self.pool(x)
+        return self.dense(x.view(x.size(0), -1))
+
+
 class ViewMean(nn.Module):
     """conv -> relu -> ``x.view(x.size(0), 4, -1).mean(2)`` -> linear: ONNX shape inference
     knows the mean's output but not the size it averages over (was ``ZeroDivisionError``)."""
@@ -177,7 +192,10 @@ def test_mod_of_constants_in_a_reshape_target() -> None:
                            for b in BATCHES})
 
 
-def test_flatten_matches_zennit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("make", [Flatten, ShufflePool], ids=["flatten", "shuffle-pool"])
+def test_runtime_reshapes_match_zennit(make: type[nn.Module], tmp_path: Path) -> None:
+    """Legacy exports with a dynamic batch and run-time Reshape targets (a flatten head; two
+    channel shuffles) against Zennit's EpsilonPlusFlat, at batches 1 and 3."""
     zennit = pytest.importorskip("zennit")
     import zennit.composites as zc
 
@@ -185,8 +203,8 @@ def test_flatten_matches_zennit(tmp_path: Path) -> None:
 
     assert zennit is not None
     torch.manual_seed(0)
-    model = Flatten().eval()
-    path = _export(model, tmp_path / "flatten.onnx", None)
+    model = make().eval()
+    path = _export(model, tmp_path / "model.onnx", None)
     analyzer = LRP(path, EpsilonPlusFlat())
     for batch in BATCHES:
         x = oracle.well_conditioned_inputs(model, SHAPE, batch, seed=batch)
@@ -194,7 +212,7 @@ def test_flatten_matches_zennit(tmp_path: Path) -> None:
         expl = analyzer.analyze(x, target, device="cpu")
         np.testing.assert_allclose(expl.output, logits, rtol=1e-4, atol=1e-5)
         _, ref = oracle.zennit_relevance(model, x, zc.EpsilonPlusFlat(), target, 5)
-        oracle.assert_agreement(expl.relevance, ref, f"runtime flatten batch {batch}")
+        oracle.assert_agreement(expl.relevance, ref, f"{make.__name__} batch {batch}")
 
 
 def test_facts_stay_out_of_the_compiled_model(
