@@ -262,3 +262,25 @@ def test_unresolvable_dim_is_counted_at_run_time() -> None:
         static = LRP(_mod_model(batch, runtime_target=False), EpsilonPlusFlat())
         want = static.analyze(x, target, device="cpu").relevance
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7 * float(np.abs(want).max()))
+
+
+def test_legacy_vit_export_has_known_shapes(tmp_path: Path) -> None:
+    """A torchvision ViT exported by the legacy exporter with a dynamic batch (its attention
+    Reshape targets pass through ``Mod`` of constants) used to fail with "shape of
+    '.../self_attention/Reshape_2_output_0' is unknown"; every shape is now known, and what
+    is left is the transformer ops themselves (LayerNormalization, Softmax attention: the
+    transformer issue), refused by name."""
+    torchvision = pytest.importorskip("torchvision")
+    from lrp_onnx import UnsupportedOp
+
+    torch.manual_seed(0)
+    vit = torchvision.models.vision_transformer.VisionTransformer(
+        image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32,
+        num_classes=5).eval()
+    path = tmp_path / "vit.onnx"
+    torch.onnx.export(vit, (torch.zeros(1, 3, 32, 32),), str(path), dynamo=False,
+                      opset_version=17, input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+    assert "Mod" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    with pytest.raises(UnsupportedOp, match=r"\(LayerNormalization\).*\(Softmax\)"):
+        LRP(path, EpsilonPlusFlat())
