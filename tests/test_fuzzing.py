@@ -69,3 +69,14 @@ def test_numpy_conv_matches_direct_sums() -> None:
                                 src = xp[n, g * 2 + c, i * stride + a * dil, j * stride + b * dil]
                                 want[n, o, i, j] += w[o, c, a, b] * src
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", [2755, 4427, 8307])
+def test_dynamic_strided_window_in_the_begin_pad(case: int) -> None:
+    """Found by the 10k run: on a symbolic H/W, a stride-2 kernel-1 Conv with begin pad 1 on a
+    map that becomes 1x1 (its one window reads only the pad) transposed to 0 rows and ONNX
+    Runtime refused the compiled model; the transpose now drops the begin pad too and
+    ``fit_like`` crops it."""
+    outcome = fuzzing.graph_case(case)
+    assert "dynamic" in outcome.tags
+    assert outcome.kind == "ok", (outcome.error, outcome.detail)

@@ -143,7 +143,10 @@ class ConvOp(LinearOp):
         # output_padding depends on a size known only at run time: fit the shape then
         back = self.b.op("ConvTranspose", s, w, tag="convT", output_padding=self.output_padding,
                          **{**self._attrs(), "pads": self.t_pads})
-        return fit_like(self.b, back, self.layer.inputs[0], self.extra, tag="convT/fit")
+        nd = len(self.kernel)
+        begin = [p - t for p, t in zip(self.pads[:nd], self.t_pads[:nd])]
+        return fit_like(self.b, back, self.layer.inputs[0], self.extra, tag="convT/fit",
+                        begin=begin)
 
     def _flip_ops(self, w: gs.Tensor) -> gs.Tensor:
         """:func:`_flip_transpose` as ops on ``w`` (constant-folded by ONNX Runtime)."""
