@@ -3,10 +3,11 @@
     python scripts/fuzz.py --cases 10000 [--kind graphs|mutations|both] [--seed S]
                            [--time-limit SECONDS]
 
-Prints the counts per outcome (ok, ill-conditioned, clean-error by error class, mismatch,
-crash) and, for every crash or mismatch, the seed that reproduces it
-(``lrp_onnx.testing.fuzzing.graph_case(seed)`` / ``mutation_case(seed, base_models())``). Exit
-status 1 when there was any crash or mismatch. See docs/fuzzing.md.
+Prints the counts per outcome (ok, ill-conditioned, clean-error by error class, refused,
+mismatch, crash), how many graph cases had symbolic H/W and a second size, and, for every
+crash or mismatch, the seed that reproduces it (``lrp_onnx.testing.fuzzing.graph_case(seed)``
+/ ``mutation_case(seed, base_models())``). Exit status 1 when there was any crash or
+mismatch. See docs/fuzzing.md.
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         took = time.perf_counter() - start
         counts = ", ".join(f"{k} {v}" for k, v in sorted(tally.counts.items()))
         print(f"{kind}: {done} cases in {took:.0f} s: {counts}")
+        if tally.tags:
+            print("  cases exercising: " + ", ".join(f"{k} {v}" for k, v in
+                                                     sorted(tally.tags.items())))
         if tally.errors:
             print("  errors by class: " + ", ".join(f"{k} {v}" for k, v in
                                                     sorted(tally.errors.items())))

@@ -337,6 +337,19 @@ def _raw_too_large(index: int) -> Callable[[onnx.ModelProto], None]:
     return edit
 
 
+def _float8_bias(m: onnx.ModelProto) -> None:
+    m.graph.initializer[1].data_type = TensorProto.FLOAT8E4M3FN  # float32 bytes kept
+
+
+def _conv_channels(m: onnx.ModelProto) -> None:
+    """The Conv's weight takes 2 input channels, the input has 1 (ONNX shape inference does not
+    notice, and ONNX Runtime's CPU Conv runs it)."""
+    from onnx import numpy_helper
+
+    w = np.ones((2, 2, 3, 3), np.float32)
+    m.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "W"))
+
+
 def _output_twice(m: onnx.ModelProto) -> None:
     m.graph.output.append(m.graph.output[0])
     m.graph.output[0].type.tensor_type.shape.dim[-1].dim_value = 1000
@@ -350,6 +363,10 @@ TINY_MALFORMED = {
     "bias_raw_too_large": (_raw_too_large(1), r"initializer 'b' holds 8 bytes"),
     "weight_raw_too_large": (_raw_too_large(2), r"initializer 'HW' holds 216 bytes"),
     "output_listed_twice": (_output_twice, r"graph output 'logits' is listed twice"),
+    "float8_bias_raw_mismatch": (_float8_bias, r"initializer 'b' holds 8 bytes, its shape \[2\] "
+                                               r"needs 2"),
+    "conv_channel_mismatch": (_conv_channels, r"node 'conv' \(Conv, opset 17\) reads 1 "
+                                              r"channels but its weight 'W' \[2, 2, 3, 3\]"),
 }
 
 

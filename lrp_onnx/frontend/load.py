@@ -120,6 +120,25 @@ def one_line(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+#: Types stored two to a byte, or with no fixed size: no raw-size check.
+_NOT_BYTEWISE = frozenset({onnx.TensorProto.UNDEFINED, onnx.TensorProto.STRING,
+                           onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
+                           getattr(onnx.TensorProto, "FLOAT4E2M1", -1)})
+
+
+def _raw_itemsize(data_type: int) -> int | None:
+    """Bytes per element of a tensor type stored raw (float8 types included), ``None`` where
+    elements are not whole bytes or the type is unknown."""
+    if data_type in FLOAT_ITEMSIZE:
+        return FLOAT_ITEMSIZE[data_type]
+    if data_type in _NOT_BYTEWISE:
+        return None
+    try:
+        return int(onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize)
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
 def _node_ref(node: onnx.NodeProto) -> str:
     return f"'{node.name}' ({node.op_type})" if node.name else f"a {node.op_type} node"
 
@@ -165,12 +184,14 @@ def check_structure(proto: onnx.ModelProto, label: str) -> None:
         raise ModelLoadError(f"{label}: model-local functions are not supported "
                              f"({', '.join(f.name for f in proto.functions)[:100]})")
     for t in graph.initializer:
-        if t.HasField("raw_data") and t.data_type in FLOAT_ITEMSIZE:
+        size = _raw_itemsize(t.data_type)
+        if t.HasField("raw_data") and size is not None:
             count = 1
             for d in t.dims:
                 count *= d
-            if count <= 64:  # larger ones are checked with the checker (run_onnx_checker)
-                size = FLOAT_ITEMSIZE[t.data_type]
+            # larger float tensors are checked with the checker (run_onnx_checker), without
+            # reading their bytes here
+            if count <= 64 or t.data_type not in FLOAT_ITEMSIZE:
                 if len(t.raw_data) != count * size:
                     raise ModelLoadError(
                         f"{label}: initializer '{t.name}' holds {len(t.raw_data)} bytes, its "

@@ -42,12 +42,15 @@ EPS = 1e-6
 
 @dataclass
 class Outcome:
-    """One case: ``kind`` is ok, ill-conditioned, clean-error, mismatch or crash."""
+    """One case: ``kind`` is ok, ill-conditioned, clean-error, refused (a dynamic-size case
+    the compiler refuses with its documented "not known before run time" error), mismatch or
+    crash; ``tags`` name what the case exercised (dynamic, second-size)."""
 
     kind: str
     seed: int
     detail: str = ""
     error: str = ""
+    tags: tuple[str, ...] = ()
 
 
 @dataclass
@@ -55,9 +58,12 @@ class Tally:
     counts: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
     failures: list[Outcome] = field(default_factory=list)
+    tags: dict[str, int] = field(default_factory=dict)
 
     def add(self, outcome: Outcome) -> None:
         self.counts[outcome.kind] = self.counts.get(outcome.kind, 0) + 1
+        for tag in outcome.tags:
+            self.tags[tag] = self.tags.get(tag, 0) + 1
         if outcome.error:
             self.errors[outcome.error] = self.errors.get(outcome.error, 0) + 1
         if outcome.kind in ("crash", "mismatch"):
@@ -107,7 +113,7 @@ def jacobian(f: Callable[[np.ndarray], np.ndarray], shape: tuple[int, ...]) -> n
 
 @dataclass
 class Op:
-    kind: str  # conv, avgpool, add, concat, flatten, gemm
+    kind: str  # conv, avgpool, add, concat, gap, flatten, gemm
     name: str
     inputs: list[str]
     output: str
@@ -152,6 +158,8 @@ class RandomCNN:
     #: flatten with a Reshape whose target is computed at run time (``Shape -> Gather ->
     #: Unsqueeze -> Concat``: a legacy torch export of ``x.view(x.size(0), -1)``)
     runtime_flatten: bool = False
+    #: the input's spatial dims are symbolic ('H', 'W'): one compiled model for every size
+    dynamic: bool = False
 
     def onnx_model(self, static_batch: int | None) -> onnx.ModelProto:
         nodes = []
@@ -169,12 +177,16 @@ class RandomCNN:
                                                   name=f"{op.name}.relu"))
             elif op.kind == "avgpool":
                 a = op.attrs
+                ceil: dict[str, Any] = {"ceil_mode": 1} if a["ceil"] else {}
                 nodes.append(helper.make_node(
                     "AveragePool", op.inputs, [op.output], name=op.name,
                     kernel_shape=[a["k"]] * 2, strides=[a["stride"]] * 2, pads=a["pads"],
-                    count_include_pad=int(a["include_pad"])))
+                    count_include_pad=int(a["include_pad"]), **ceil))
             elif op.kind == "add":
                 nodes.append(helper.make_node("Add", op.inputs, [op.output], name=op.name))
+            elif op.kind == "gap":
+                nodes.append(helper.make_node("GlobalAveragePool", op.inputs, [op.output],
+                                              name=op.name))
             elif op.kind == "concat":
                 nodes.append(helper.make_node("Concat", op.inputs, [op.output], name=op.name,
                                               axis=1))
@@ -195,7 +207,8 @@ class RandomCNN:
                       numpy_helper.from_array(np.array([-1], np.int64), "flatten.rest")]
         graph = helper.make_graph(
             nodes, "fuzz",
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, *self.sample])],
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [
+                batch, self.sample[0], *(("H", "W") if self.dynamic else self.sample[1:])])],
             [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
                                            [batch, self.classes])], inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -227,6 +240,8 @@ class RandomCNN:
                                              a["include_pad"])
             elif op.kind == "add":
                 vals[op.output] = xin[0] + xin[1]
+            elif op.kind == "gap":
+                vals[op.output] = xin[0].mean(axis=(2, 3), keepdims=True)
             elif op.kind == "concat":
                 vals[op.output] = np.concatenate(xin, axis=1)
             elif op.kind == "flatten":
@@ -258,6 +273,11 @@ class RandomCNN:
                 a = op.attrs
                 J = jacobian(partial(np_avgpool, k=a["k"], stride=a["stride"], pads=a["pads"],
                                      include_pad=a["include_pad"]),
+                             xin[0].shape[1:]).astype(dtype)
+                r_in = [T.ref_z_map(J, xin[0].reshape(n, -1), r_out.reshape(n, -1), eps=EPS)
+                        .reshape(xin[0].shape)]
+            elif op.kind == "gap":
+                J = jacobian(lambda v: v.mean(axis=(2, 3), keepdims=True),
                              xin[0].shape[1:]).astype(dtype)
                 r_in = [T.ref_z_map(J, xin[0].reshape(n, -1), r_out.reshape(n, -1), eps=EPS)
                         .reshape(xin[0].shape)]
@@ -293,7 +313,10 @@ def _f32(a: np.ndarray) -> np.ndarray:
     return np.asarray(a, np.float32).astype(np.float64)
 
 
-def random_cnn(rng: np.random.Generator) -> RandomCNN:
+def random_cnn(rng: np.random.Generator, dynamic: bool = False) -> RandomCNN:
+    """A random CNN for ``sample`` (``dynamic``: for symbolic H/W, which adds draws only in
+    that case: a global-average-pool head two times in three, so that the model runs at every
+    size, and ``ceil_mode`` on some pools, which the compiler refuses on unknown sizes)."""
     c = int(rng.integers(1, 4))
     hw = int(rng.integers(5, 10))
     sample = (c, hw, hw)
@@ -350,9 +373,12 @@ def random_cnn(rng: np.random.Generator) -> RandomCNN:
             if h + 2 * p < k:
                 continue
             nm = name("pool")
+            include = bool(rng.random() < 0.5)
+            # ceil_mode only where it changes nothing at this size (the reference floors)
+            ceil = dynamic and rng.random() < 0.1 and (h + 2 * p - k) % stride == 0
             ops.append(Op("avgpool", nm, [cur], f"{nm}.y",
-                          dict(k=k, stride=stride, pads=[p] * 4,
-                               include_pad=bool(rng.random() < 0.5))))
+                          dict(k=k, stride=stride, pads=[p] * 4, include_pad=include,
+                               ceil=ceil)))
             side = (h + 2 * p - k) // stride + 1
             cur, shape = f"{nm}.y", [cin, side, side]
         elif kind == "residual":
@@ -369,6 +395,9 @@ def random_cnn(rng: np.random.Generator) -> RandomCNN:
             ca = ops[-3].attrs["w"].shape[0]
             cb = ops[-2].attrs["w"].shape[0]
             cur, shape = f"{nm}.y", [ca + cb, h2, h2]
+    if dynamic and rng.random() < 2 / 3:
+        ops.append(Op("gap", "gap", [cur], "gap.y"))
+        cur, shape = "gap.y", [shape[0], 1, 1]
     ops.append(Op("flatten", "flatten", [cur], "flat"))
     classes = int(rng.integers(3, 6))
     features = int(np.prod(shape))
@@ -376,7 +405,7 @@ def random_cnn(rng: np.random.Generator) -> RandomCNN:
     weights["head.b"] = _f32(rng.normal(0.0, 0.1, classes))
     ops.append(Op("gemm", "head", ["flat"], "logits"))
     rules["head"] = str(rng.choice(("zero", "epsilon")))
-    return RandomCNN(ops, weights, rules, sample, classes)
+    return RandomCNN(ops, weights, rules, sample, classes, dynamic=dynamic)
 
 
 def sensitivity(net: RandomCNN, x: np.ndarray, target: np.ndarray, ref64: np.ndarray,
@@ -395,13 +424,31 @@ def sensitivity(net: RandomCNN, x: np.ndarray, target: np.ndarray, ref64: np.nda
     return worst
 
 
+def _compare(net: RandomCNN, got: np.ndarray, x: np.ndarray, target: np.ndarray,
+             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Per-sample relative L2 to the float64 reference, which samples float32 determines, and
+    whether the comparison passes (finite, determined samples within ``MAX_REL_L2``)."""
+    ref64 = net.relevance(x.astype(np.float64), target, np.float64)
+    determined = sensitivity(net, x, target, ref64, rng) <= DETERMINED
+    err = rel_l2_per_sample(got, ref64, floor=1e-300)
+    good = bool(np.isfinite(got).all() and not (determined & ~(err <= MAX_REL_L2)).any())
+    return err, determined, good
+
+
 def graph_case(seed: int) -> Outcome:
-    """Generate, compile and compare one random CNN (batch 3; one target per sample)."""
+    """Generate, compile and compare one random CNN (batch 3; one target per sample).
+
+    One seed in four (``seed % 4 == 3``, no draw: the other seeds' models stay as they were)
+    declares the input's H and W symbolic; where its head is a global average pool, the same
+    compiled model also runs at a second, non-square size (H + 1..3, W + 1..3) against the
+    reference recomputed there. A dynamic case the compiler refuses with its documented
+    "not known before run time" error is *refused*, not a failure."""
     from lrp_onnx.api import LRP
 
     rng = np.random.default_rng(seed)
+    dynamic = seed % 4 == 3
     try:
-        net = random_cnn(rng)
+        net = random_cnn(rng, dynamic=dynamic)
     except Exception as exc:  # noqa: BLE001 - a generator bug is reported, not raised
         return Outcome("crash", seed, "generator: " + traceback.format_exc(limit=2),
                        type(exc).__name__)
@@ -409,19 +456,37 @@ def graph_case(seed: int) -> Outcome:
     target = np.array([-1, int(rng.integers(0, net.classes)), -1], dtype=np.int64)
     static = None if rng.random() < 0.7 else 3
     net.runtime_flatten = seed % 3 == 1  # no draw: the other seeds' models stay as they were
+    tags: tuple[str, ...] = ("dynamic",) if dynamic else ()
     try:
         analyzer = LRP(net.onnx_model(static), net.composite())
         got = analyzer.analyze(x, target, device="cpu").relevance.astype(np.float64)
     except LRPError as exc:
-        return Outcome("clean-error", seed, str(exc), type(exc).__name__)
+        kind = "refused" if dynamic and "not known before run time" in str(exc) else \
+            "clean-error"
+        return Outcome(kind, seed, str(exc), type(exc).__name__, tags)
     except Exception as exc:  # noqa: BLE001 - that is what fuzzing looks for
-        return Outcome("crash", seed, traceback.format_exc(limit=3), type(exc).__name__)
-    ref64 = net.relevance(x.astype(np.float64), target, np.float64)
-    determined = sensitivity(net, x, target, ref64, rng) <= DETERMINED
-    err = rel_l2_per_sample(got, ref64, floor=1e-300)
-    if not np.isfinite(got).all() or (determined & ~(err <= MAX_REL_L2)).any():
-        return Outcome("mismatch", seed, f"relative L2 {err}, determined {determined}, rules "
-                       f"{net.rules}, ops {[o.kind for o in net.ops]}")
+        return Outcome("crash", seed, traceback.format_exc(limit=3), type(exc).__name__, tags)
+    err, determined, good = _compare(net, got, x, target, rng)
+    about = f"rules {net.rules}, ops {[o.kind for o in net.ops]}"
+    if not good:
+        return Outcome("mismatch", seed, f"relative L2 {err}, determined {determined}, {about}",
+                       tags=tags)
+    if dynamic and net.ops[-3].kind == "gap" and not any(
+            o.attrs.get("ceil") for o in net.ops):
+        tags += ("second-size",)
+        grow = rng.integers(1, 4, 2)
+        x2 = rng.standard_normal((3, net.sample[0], *(np.array(net.sample[1:]) + grow))
+                                 ).astype(np.float32)
+        try:
+            got2 = analyzer.analyze(x2, target, device="cpu").relevance.astype(np.float64)
+        except Exception as exc:  # noqa: BLE001 - a compiled model that runs at one size only
+            return Outcome("crash", seed, f"second size {x2.shape}: "
+                           + traceback.format_exc(limit=3), type(exc).__name__, tags)
+        err2, det2, good2 = _compare(net, got2, x2, target, rng)
+        if not good2:
+            return Outcome("mismatch", seed, f"second size {x2.shape}: relative L2 {err2}, "
+                           f"determined {det2}, {about}", tags=tags)
+        determined, err = determined | det2, np.maximum(err, err2)
     if not determined.any():
-        return Outcome("ill-conditioned", seed)
-    return Outcome("ok", seed, f"max relative L2 {err[determined].max():.2e}")
+        return Outcome("ill-conditioned", seed, tags=tags)
+    return Outcome("ok", seed, f"max relative L2 {err[determined].max():.2e}", tags=tags)

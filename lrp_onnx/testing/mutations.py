@@ -2,9 +2,10 @@
 
 :func:`mutation_case` corrupts a valid model (bytes: flips, truncation, insertion; protobuf:
 dangling names, cycles, dropped initializers, unknown ops and domains, old opsets, integer
-inputs, missing batch dims, symbolic or huge dims, NaN weights, bad attributes ...), then compiles
-and runs it. The outcome must be a result or an ``LRPError`` whose message is one line naming the
-file; anything else is a crash (see :mod:`lrp_onnx.testing.fuzzing` for the outcome types).
+inputs, missing batch dims, symbolic or huge dims (symbolic ones run at the base model's
+sizes, sometimes + 1-3), NaN weights, bad attributes ...), then compiles and runs it. The
+outcome must be a result or an ``LRPError`` whose message is one line naming the file;
+anything else is a crash (see :mod:`lrp_onnx.testing.fuzzing` for the outcome types).
 """
 
 from __future__ import annotations
@@ -115,8 +116,29 @@ def _proto_mutations() -> list[Callable[[onnx.ModelProto, np.random.Generator], 
         else:
             m.graph.output[0].name = m.graph.input[0].name
 
+    def symbolic(m: onnx.ModelProto, rng: np.random.Generator) -> None:
+        """Symbolic (or unknown) channel/spatial dims, names shared at random ('H' twice)."""
+        d = m.graph.input[0].type.tensor_type.shape.dim
+        for k in range(1 if rng.random() < 0.3 else 2, len(d)):
+            param = str(rng.choice(["H", "W", "N", "C", "H", ""]))
+            if param:
+                d[k].dim_param = param
+            else:
+                d[k].Clear()
+
+    def symbolic_elsewhere(m: onnx.ModelProto, rng: np.random.Generator) -> None:
+        """Symbolic dims on the output and value_info, and H/W on the input."""
+        d = m.graph.input[0].type.tensor_type.shape.dim
+        for k in range(2, len(d)):
+            d[k].dim_param = "HW"[k % 2]
+        for vi in [*m.graph.output, *m.graph.value_info]:
+            for dim in vi.type.tensor_type.shape.dim:
+                if rng.random() < 0.5:
+                    dim.dim_param = str(rng.choice(["N", "K", "H", "W"]))
+
     return [dangling, cycle, drop_initializer, unknown_op, domain, opset, input_type, dims,
-            nan_weights, attribute, delete_node, shuffle, rewire, outputs]
+            nan_weights, attribute, delete_node, shuffle, rewire, outputs, symbolic,
+            symbolic_elsewhere]
 
 
 def _byte_mutation(data: bytes, rng: np.random.Generator) -> bytes:
@@ -138,23 +160,41 @@ def _byte_mutation(data: bytes, rng: np.random.Generator) -> bytes:
 
 
 def base_models() -> list[bytes]:
-    """The valid models mutations start from: the shipped models and three random CNNs."""
+    """The valid models mutations start from: the shipped models, three random CNNs and one
+    with symbolic H/W (and a global-average-pool head: it runs at every size)."""
     root = Path(__file__).resolve().parents[2] / "models"
     out = [p.read_bytes() for p in (root / "digits_cnn.onnx", root / "seed_vgg.onnx")
            if p.is_file()]
     for seed in range(3):
         out.append(random_cnn(np.random.default_rng(1000 + seed)).onnx_model(None)
                    .SerializeToString())
+    dynamic = random_cnn(np.random.default_rng(1014), dynamic=True)  # pool, concat, GAP head
+    out.append(dynamic.onnx_model(None).SerializeToString())
     return out
 
 
-def _random_input(model: onnx.ModelProto, rng: np.random.Generator) -> np.ndarray | None:
+def _random_input(model: onnx.ModelProto, rng: np.random.Generator,
+                  base: list[int]) -> np.ndarray | None:
     """float32 normal values for the first non-initializer input (batch 2 where symbolic),
-    whatever its type; None where it has none or other symbolic or huge dimensions."""
+    whatever its type; a symbolic dim after the first takes the base model's size (``base``:
+    its input's static dims; 8 where symbolic there too), a spatial one plus 1-3 in one case
+    in four; None where it has no input or huge dimensions."""
     try:
         return random_input(model, rng, batch=2, first=True, dtype=np.float32, max_dim=4096)[1]
     except UnsupportedModel:
+        pass
+    inits = {t.name for t in model.graph.initializer}
+    data = [i for i in model.graph.input if i.name not in inits]
+    if not data:
         return None
+    dims = data[0].type.tensor_type.shape.dim
+    base = [*base, *[0] * len(dims)]
+    grow = [0, 0, *(0 if rng.random() < 0.75 else int(rng.integers(1, 4)) for _ in dims)]
+    shape = [d.dim_value if d.HasField("dim_value") else 2 if k == 0
+             else (base[k] or 8) + grow[k] for k, d in enumerate(dims)]
+    if any(v > 4096 for v in shape):
+        return None
+    return rng.standard_normal(shape).astype(np.float32)
 
 
 def mutation_case(seed: int, bases: list[bytes], run_cli: bool | None = None) -> Outcome:
@@ -164,13 +204,16 @@ def mutation_case(seed: int, bases: list[bytes], run_cli: bool | None = None) ->
 
     rng = np.random.default_rng(seed)
     base = bases[int(rng.integers(len(bases)))]
+    base_dims: list[int] = []
     if rng.random() < 0.5:
         data = _byte_mutation(base, rng)
         how = "bytes"
     else:
         model = onnx.ModelProto()
         model.ParseFromString(base)
-        mutate = _proto_mutations()[int(rng.integers(14))]
+        base_dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+        kinds = _proto_mutations()
+        mutate = kinds[int(rng.integers(len(kinds)))]
         mutate(model, rng)
         how = mutate.__name__
         data = model.SerializeToString()
@@ -190,7 +233,7 @@ def mutation_case(seed: int, bases: list[bytes], run_cli: bool | None = None) ->
                            type(exc).__name__)
         else:
             outcome = Outcome("ok", seed, how)
-            x = _random_input(analyzer.model, rng)
+            x = _random_input(analyzer.model, rng, base_dims)
             if x is not None:
                 try:
                     analyzer.analyze(x, device="cpu")

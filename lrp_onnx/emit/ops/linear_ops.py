@@ -12,7 +12,7 @@ from lrp_onnx.emit.builder import Builder
 from lrp_onnx.emit.linear import LinearOp, emit_linear
 from lrp_onnx.emit.ops.windows import explicit_pads, fit_like, transpose_geometry
 from lrp_onnx.emit.registry import Kind, Support, declare, emitter
-from lrp_onnx.errors import UnsupportedAttribute, UnsupportedOp, node_label
+from lrp_onnx.errors import UnsupportedAttribute, UnsupportedModel, UnsupportedOp, node_label
 from lrp_onnx.frontend.graph import Graph, attr, check_attrs, ints
 from lrp_onnx.frontend.layers import Layer, fmt_tuple, window_args
 from lrp_onnx.rules.core import (
@@ -80,6 +80,13 @@ class ConvOp(LinearOp):
         self.dilations = ints(attr(node, "dilations", g.opset, None)) or [1] * nd
         self.group = int(attr(node, "group", g.opset, 1))
         x = layer.inputs[0]
+        channels = g.shape(x, node)[1]
+        if channels is not None and channels != int(w.shape[1]) * self.group:
+            # ONNX shape inference does not check it, and ONNX Runtime's CPU Conv may run it
+            raise UnsupportedModel(
+                f"{g.label}: node {node_label(node.name, node.op, g.opset)} reads {channels} "
+                f"channels but its weight '{w.name}' {list(w.shape)} with group={self.group} "
+                f"takes {int(w.shape[1]) * self.group}")
         # spatial sizes; None where unknown before run time (a dynamic image size)
         self.in_spatial = g.shape(x, node)[2:]
         self.out_spatial = g.shape(node.outputs[0], node)[2:]
@@ -143,7 +150,10 @@ class ConvOp(LinearOp):
         # output_padding depends on a size known only at run time: fit the shape then
         back = self.b.op("ConvTranspose", s, w, tag="convT", output_padding=self.output_padding,
                          **{**self._attrs(), "pads": self.t_pads})
-        return fit_like(self.b, back, self.layer.inputs[0], self.extra, tag="convT/fit")
+        nd = len(self.kernel)
+        begin = [p - t for p, t in zip(self.pads[:nd], self.t_pads[:nd])]
+        return fit_like(self.b, back, self.layer.inputs[0], self.extra, tag="convT/fit",
+                        begin=begin)
 
     def _flip_ops(self, w: gs.Tensor) -> gs.Tensor:
         """:func:`_flip_transpose` as ops on ``w`` (constant-folded by ONNX Runtime)."""

@@ -128,7 +128,8 @@ def average_pool(b: Builder, layer: Layer, rule: Rule,
     back = b.op("ConvTranspose", s, ones, tag="convT", kernel_shape=kernel, strides=strides,
                 pads=t_pads, dilations=dilations, group=channels, output_padding=out_pad)
     if extra is not None:  # output_padding depends on a size known only at run time
-        back = fit_like(b, back, x, extra, tag="convT/fit")
+        back = fit_like(b, back, x, extra, tag="convT/fit",
+                        begin=[p - t for p, t in zip(pads[:nd], t_pads[:nd])])
     return [b.op("Mul", x, back, tag="R")]
 
 

@@ -82,8 +82,10 @@ def transpose_geometry(in_shape: Sequence[int | None], out_shape: Sequence[int |
                        pads: Sequence[int]) -> tuple[list[int], list[int], list[int] | None]:
     """:func:`transpose_padding` where sizes may be unknown: ``(pads, output_padding, extra)``.
     An unknown axis of stride 1 keeps its pads and gets ``output_padding`` 0 (exact: the
-    transpose of a stride-1 window op needs none). An unknown strided axis gets end pad 0 and
-    ``output_padding`` 0: the transpose then ends ``op - pe`` rows short of the input, where
+    transpose of a stride-1 window op needs none). An unknown strided axis gets pads 0 and
+    ``output_padding`` 0 (with its begin pad, a 1x1 map whose one window lies in that pad would
+    transpose to 0 rows): the transpose then starts ``pb`` rows before the input, which
+    :func:`fit_like` crops, and ends ``op - pe`` rows short of the input, where
     ``0 <= op < stride`` (no ceil-mode overhang: the caller refuses ``ceil_mode`` there), so
     ``extra`` (``None`` when no axis needs it) holds ``stride - 1`` rows per such axis that
     :func:`fit_like` pads on and then crops to the input's size at run time."""
@@ -97,8 +99,8 @@ def transpose_geometry(in_shape: Sequence[int | None], out_shape: Sequence[int |
     new_pads, out_pad, extra = list(pads), [0] * n, [0] * n
     for i in range(n):
         if i in unknown:
-            if strides[i] != 1:
-                new_pads[i + n], extra[i] = 0, strides[i] - 1
+            if strides[i] != 1:  # no pads: a window wholly in the begin pad leaves rows
+                new_pads[i], new_pads[i + n], extra[i] = 0, 0, strides[i] - 1
             continue
         one_pads, one_op = transpose_padding([in_shape[i]], [out_shape[i]],  # type: ignore[list-item]
                                              [kernel[i]], [strides[i]], [dilations[i]],
@@ -108,15 +110,17 @@ def transpose_geometry(in_shape: Sequence[int | None], out_shape: Sequence[int |
 
 
 def fit_like(b: Builder, value: gs.Tensor, like: gs.Tensor, extra: list[int],
-             tag: str = "fit") -> gs.Tensor:
+             tag: str = "fit", begin: Sequence[int] | None = None) -> gs.Tensor:
     """``value`` ``[N, C, *spatial]`` padded with ``extra`` zero rows at the end of each spatial
-    axis, then cropped to the spatial size of ``like`` at run time (``Pad`` -> ``Slice`` to
-    ``Shape(like)[2:]``)."""
+    axis, then cropped to the spatial size of ``like`` at run time from ``begin`` (0s by
+    default; ``Pad`` -> ``Slice`` to ``begin + Shape(like)[2:]``)."""
     rank = len(extra) + 2
+    begin = list(begin) if begin is not None else [0] * len(extra)
     big = 2**62
     padded = b.op("Pad", value, b.ints([0] * rank + [0, 0] + list(extra)), tag=f"{tag}/pad",
                   mode="constant")
     size = b.op("Slice", b.op("Shape", like, tag=f"{tag}/shape"), b.ints([2]), b.ints([big]),
                 b.ints([0]), tag=f"{tag}/size")
-    return b.op("Slice", padded, b.ints([0] * len(extra)), size,
-                b.ints(list(range(2, rank))), tag=tag)
+    if any(begin):
+        size = b.op("Add", size, b.ints(begin), tag=f"{tag}/end")
+    return b.op("Slice", padded, b.ints(begin), size, b.ints(list(range(2, rank))), tag=tag)
