@@ -284,3 +284,37 @@ def test_legacy_vit_export_has_known_shapes(tmp_path: Path) -> None:
     assert "Mod" in {n.op_type for n in onnx.load(str(path)).graph.node}
     with pytest.raises(UnsupportedOp, match=r"\(LayerNormalization\).*\(Softmax\)"):
         LRP(path, EpsilonPlusFlat())
+
+
+def test_incomplete_symbolic_inference_writes_no_file(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """ONNX Runtime's ``SymbolicShapeInference.infer_shapes`` saves ``sym_shape_infer_temp.onnx``
+    in the working directory where its inference is incomplete; compiling must leave the user's
+    folder as it was (the mutation fuzzer found the file in the repository)."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    from lrp_onnx import LRPError
+    from lrp_onnx.frontend.load import skeleton
+
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv", kernel_shape=[3, 3]),
+             helper.make_node("GlobalAveragePool", ["c"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["logits"], name="flat")]
+    w = numpy_helper.from_array(np.ones((2, 2, 3, 3), np.float32), "W")
+    graph = helper.make_graph(  # an input of undefined type: inference cannot finish
+        nodes, "m", [helper.make_tensor_value_info("x", TensorProto.UNDEFINED, ["N", 2, "H", "W"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    # The trigger is real: ORT's own entry point writes its file here and raises.
+    with pytest.raises(Exception, match="Incomplete symbolic shape inference"):
+        SymbolicShapeInference.infer_shapes(skeleton(model))
+    assert sorted(p.name for p in work.iterdir()) == ["sym_shape_infer_temp.onnx"]
+    (work / "sym_shape_infer_temp.onnx").unlink()
+    with pytest.raises(LRPError):
+        LRP(path, EpsilonPlusFlat())
+    assert list(work.iterdir()) == []

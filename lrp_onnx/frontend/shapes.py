@@ -162,9 +162,17 @@ def _symbolic(skel: onnx.ModelProto) -> onnx.ModelProto | None:
     level = log.level
     log.setLevel(logging.CRITICAL)
     try:
-        inferred: onnx.ModelProto = SymbolicShapeInference.infer_shapes(
-            skel, auto_merge=False, guess_output_rank=False)
-        return inferred
+        # ``SymbolicShapeInference.infer_shapes`` itself would, where inference is incomplete,
+        # save the model as ``sym_shape_infer_temp.onnx`` in the working directory before it
+        # raises: its loop is run here instead, and an incomplete result is dropped.
+        sym = SymbolicShapeInference(2**31 - 1, False, False, 0)
+        sym._preprocess(skel)
+        complete = False
+        while sym.run_:
+            complete = sym._infer_impl()
+        sym._update_output_from_vi()
+        inferred: onnx.ModelProto = sym.out_mp_
+        return inferred if complete else None
     except Exception:  # noqa: BLE001 - any failure of the optional step leaves the gaps
         return None
     finally:
