@@ -25,8 +25,10 @@ from lrp_onnx.errors import (
 from lrp_onnx.frontend.structure import ChainTuple, ParallelTuple, SkipConnectionTuple
 from lrp_onnx.io import save_model
 from lrp_onnx.rules.composites import (
+    CPLRP,
     PRESETS,
     ActivationLayer,
+    AttnLRP,
     Composite,
     ConvLayer,
     DenseLayer,
@@ -45,14 +47,17 @@ from lrp_onnx.rules.composites import (
     LastLayerTypeMap,
     LayerGroup,
     LayerMap,
+    LayerNormLayer,
     MaxPoolLayer,
     MeanPoolLayer,
     NameMap,
     NormalizationLayer,
     PoolingLayer,
+    ProductLayer,
     RangeMap,
     RangeTypeMap,
     ReshapingLayer,
+    SoftmaxLayer,
     parse_composite,
 )
 from lrp_onnx.rules.core import (
@@ -64,6 +69,7 @@ from lrp_onnx.rules.core import (
     GradientRule,
     PassRule,
     Rule,
+    UniformRule,
     WSquareRule,
     ZBoxRule,
     ZeroRule,
@@ -78,7 +84,8 @@ __all__ = [
     "SkipConnectionTuple", "PRESETS",
     "Composite", "LayerGroup",
     "ActivationLayer", "ConvLayer", "DenseLayer", "DropoutLayer", "MaxPoolLayer",
-    "MeanPoolLayer", "NormalizationLayer", "PoolingLayer", "ReshapingLayer",
+    "MeanPoolLayer", "NormalizationLayer", "PoolingLayer", "ReshapingLayer", "LayerNormLayer",
+    "SoftmaxLayer", "ProductLayer", "AttnLRP", "CPLRP", "UniformRule",
     "EpsilonAlpha2Beta1", "EpsilonAlpha2Beta1Flat", "EpsilonGammaBox", "EpsilonPlus",
     "EpsilonPlusFlat", "FirstLayerMap", "FirstLayerTypeMap", "FirstNTypeMap", "GlobalMap",
     "GlobalTypeMap", "LastLayerMap", "LastLayerTypeMap", "LayerMap", "NameMap", "RangeMap",

@@ -30,25 +30,33 @@ from lrp_onnx.emit import registry
 from lrp_onnx.testing.references import Net
 
 
-def _layer_norm_model(rng: np.random.Generator):
+def _layer_norm_model(rng: np.random.Generator, op: str = "LayerNormalization"):
     net = Net(rng, (6,))
     z = net.node("MatMul", [net.x, net.param("lut/W", (6, 6))], "lut/matmul")
-    ln = net.node("LayerNormalization", [z, net.param("lut/scale", (6,)),
-                                         net.param("lut/bias", (6,))], "lut/ln", axis=-1)
+    if op == "LayerNormalization":
+        ln = net.node(op, [z, net.param("lut/scale", (6,)), net.param("lut/bias", (6,))],
+                      "lut/ln", axis=-1)
+    else:
+        ln = net.node(op, [z], "lut/ln")
     net.head(ln)
     return net.model()
 
 
 def test_presets_refuse_an_op_without_an_emitter(rng: np.random.Generator) -> None:
-    """NormalizationLayer => PassRule in the presets no longer covers LayerNormalization."""
+    """NormalizationLayer => PassRule in the presets does not cover LayerNormalization, which
+    gets its own rule (the LN rule under ZeroRule/EpsilonRule); an op without an emitter is
+    refused unless PassRule is forced onto it."""
     assert "LayerNormalization" not in NormalizationLayer.ops
     assert NormalizationLayer.ops == {"BatchNormalization"}
-    with pytest.raises(UnsupportedOp, match="'lut/ln' \\(LayerNormalization\\)"):
-        LRP(_layer_norm_model(rng), EpsilonPlusFlat())
+    lrp = LRP(_layer_norm_model(rng), EpsilonPlusFlat())
+    assert [r for la, r in zip(lrp.layers, lrp.rules) if la.kind == "LayerNormalization"] \
+        == [ZeroRule()]
+    with pytest.raises(UnsupportedOp, match="'lut/ln' \\(Exp\\)"):
+        LRP(_layer_norm_model(rng, "Exp"), EpsilonPlusFlat())
     # Forced through explicitly, it passes (the user's choice, written in the composite).
     forced = EpsilonPlusFlat()
-    forced.primitives += (GlobalTypeMap({"LayerNormalization": PassRule()}),)
-    LRP(_layer_norm_model(rng), forced)
+    forced.primitives += (GlobalTypeMap({"Exp": PassRule()}),)
+    LRP(_layer_norm_model(rng, "Exp"), forced)
 
 
 def test_groups_come_from_the_registry() -> None:
@@ -85,6 +93,6 @@ def test_standalone_batchnorm_conserves_only_without_a_shift(rng: np.random.Gene
 def test_facts_are_read_from_the_spec() -> None:
     relu, softmax, shape = (registry.spec_of(op) for op in ("Relu", "Softmax", "Shape"))
     assert relu.sign is registry.Sign.NONNEG and relu.support is registry.Support.ROUTING
-    assert softmax.head and softmax.gate and softmax.emit is None
+    assert softmax.head and softmax.gate and softmax.emit is not None  # heads, and attention
     assert shape.kind is registry.Kind.SHAPE
     assert registry.spec_of("NoSuchOp") is None

@@ -6,7 +6,7 @@ so the backward subgraph is easy to recognise in Netron and to slice.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -40,6 +40,10 @@ class Builder:
         #: (:func:`lrp_onnx.emit.relevance_support.relu_covers`); set by the compiler before
         #: emitting.
         self.relu_covers: dict[str, gs.Tensor] = {}
+        #: ``{relevance: (value, t)}``: the relevance tensor is ``value * t`` exactly, with ``t``
+        #: a tensor or a function emitting it on first use (the gradient form, see
+        #: :meth:`factored`).
+        self._factors: dict[str, tuple[str, gs.Tensor | Callable[[], gs.Tensor]]] = {}
 
     # -- naming ------------------------------------------------------------------------------
     @contextmanager
@@ -137,6 +141,45 @@ class Builder:
         """``value[:1]``: one sample, for constants shaped like a sample whose size is known
         only at run time."""
         return self.op("Slice", value, self.ints([0]), self.ints([1]), self.ints([0]), tag=tag)
+
+    # -- the gradient form ------------------------------------------------------------------
+    def factored(self, r: gs.Tensor, value: gs.Tensor,
+                 t: gs.Tensor | Callable[[], gs.Tensor]) -> gs.Tensor:
+        """Record that the relevance ``r`` is ``value * t`` (``t`` a tensor, or a function that
+        emits it when first asked for); returns ``r``. An ε-rule with ``ε = 0`` at ``value``
+        then reads ``t`` as ``r / value`` (:func:`lrp_onnx.emit.denominators.divide`): the
+        relevance pass runs as a modified gradient, without divisions."""
+        self._factors[r.name] = (value.name, t)
+        return r
+
+    def later(self, make: Callable[[], gs.Tensor]) -> Callable[[], gs.Tensor]:
+        """``make`` to be called later, in the scope that is current now."""
+        scope = self._scope
+
+        def run() -> gs.Tensor:
+            old, self._scope = self._scope, scope
+            try:
+                return make()
+            finally:
+                self._scope = old
+
+        return run
+
+    def factor(self, r: gs.Tensor, value: gs.Tensor) -> gs.Tensor | None:
+        """``t`` where ``r`` was recorded as ``value * t``, else ``None``."""
+        found = self._factors.get(r.name)
+        if found is None or found[0] != value.name:
+            return None
+        t = found[1]
+        if callable(t):
+            t = t()
+            self._factors[r.name] = (value.name, t)
+        return t
+
+    def has_factor(self, r: gs.Tensor, value: gs.Tensor) -> bool:
+        """Whether ``r`` was recorded as ``value * t`` (without emitting ``t``)."""
+        found = self._factors.get(r.name)
+        return found is not None and found[0] == value.name
 
     def expect_shape(self, rel: gs.Tensor, like: gs.Tensor) -> None:
         """Record that ``rel`` must have the shape of ``like`` (checked after compilation)."""

@@ -26,7 +26,7 @@ from lrp_onnx.emit.contract import (
     seed_input,
 )
 from lrp_onnx.emit.optimizations import Optimizations
-from lrp_onnx.emit.registry import resolve_entries
+from lrp_onnx.emit.registry import OpSpec, resolve_entries
 from lrp_onnx.emit.relevance_support import relu_covers
 from lrp_onnx.errors import UnsupportedModel
 from lrp_onnx.frontend.graph import Graph, _float_dtype
@@ -57,7 +57,7 @@ def _seed(b: Builder, graph: Graph, target: gs.Variable, normalize: bool) -> gs.
                           to=int(onnx.helper.np_dtype_to_tensor_dtype(b.dtype)))
         if normalize:
             return onehot
-        return b.op("Mul", onehot, logits, tag="logit")
+        return b.factored(b.op("Mul", onehot, logits, tag="logit"), logits, onehot)
 
 
 def _explicit_seed(b: Builder, graph: Graph) -> tuple[gs.Variable, gs.Tensor]:
@@ -83,10 +83,41 @@ def _explicit_seed(b: Builder, graph: Graph) -> tuple[gs.Variable, gs.Tensor]:
     return seed_in, seed
 
 
-def _sum(b: Builder, values: list[gs.Tensor], tag: str) -> gs.Tensor:
+def _sum(b: Builder, values: list[gs.Tensor], tag: str, at: gs.Tensor | None = None
+         ) -> gs.Tensor:
+    """The relevances ``values`` arriving at ``at`` summed; where each is ``at * t_k``, the sum
+    is recorded as ``at * sum_k t_k`` (the gradient form)."""
     if len(values) == 1:
         return values[0]
-    return b.op("Sum", *values, tag=tag)
+    total = b.op("Sum", *values, tag=tag)
+    if at is not None and all(b.has_factor(v, at) for v in values):
+        b.factored(total, at, b.later(lambda: b.op(
+            "Sum", *(b.factor(v, at) for v in values), tag=f"{tag}/g")))
+    return total
+
+
+def _route_factors(b: Builder, layer: Layer, rule: Rule, entry: OpSpec,
+                   r_outs: list[gs.Tensor | None], r_ins: Sequence[gs.Tensor | None]) -> None:
+    """A layer that only moves values sends ``x * route(g)`` where it got ``y * g``: record
+    each input's relevance so, emitting ``route(g)`` (the emitter run on ``g``) only when an
+    ε = 0 rule upstream asks for it."""
+    outputs = layer.outputs if entry.multi_output else (layer.output,)
+    if not any(r_outs) or not all(r is None or b.has_factor(r, y)
+                                  for r, y in zip(r_outs, outputs)):
+        return
+    memo: list[Sequence[gs.Tensor | None]] = []
+
+    def routed() -> Sequence[gs.Tensor | None]:
+        if not memo:
+            gs_ = [None if r is None else b.factor(r, y) for r, y in zip(r_outs, outputs)]
+            with b.scope(layer.name):
+                memo.append(entry.emit(b, layer, rule,  # type: ignore[misc]
+                                       gs_ if entry.multi_output else gs_[0]))
+        return memo[0]
+
+    for k, (x, r) in enumerate(zip(layer.inputs, r_ins)):
+        if r is not None:
+            b.factored(r, x, lambda k=k: routed()[k])  # type: ignore[misc]
 
 
 def _add_output(graph: Graph, value: gs.Tensor, name: str, like: gs.Tensor) -> None:
@@ -145,9 +176,11 @@ def compile_layers(graph: Graph, layers: Sequence[Layer], rules: Sequence[Rule],
             continue  # symbolic zero: nothing reaches this layer, so nothing is emitted
         assert entry.emit is not None  # resolve_entries returns specs with emitters only
         with b.scope(layer.name):
-            r_outs = [_sum(b, a, f"R_out{i}" if i else "R_out") if a else None
-                      for i, a in enumerate(arrived)]
+            r_outs = [_sum(b, a, f"R_out{i}" if i else "R_out", y) if a else None
+                      for i, (a, y) in enumerate(zip(arrived, outputs))]
             r_ins = entry.emit(b, layer, rule, r_outs if entry.multi_output else r_outs[0])
+        if entry.routes:
+            _route_factors(b, layer, rule, entry, r_outs, r_ins)
         if len(r_ins) != len(layer.inputs):
             raise AssertionError(f"emitter for {layer.kind} returned {len(r_ins)} relevances "
                                  f"for {len(layer.inputs)} inputs")

@@ -25,6 +25,11 @@ def stabilize(b: Builder, z: gs.Tensor, eps: float, tag: str = "stab",
     sums of non-positive terms, where ``z = 0`` means every term, hence every contribution, is
     zero.
     """
+    if eps == 0.0:
+        # The limit ε → 0: z itself, and 1 where z is 0 (so 0 / 0 gives 0, not NaN).
+        zero = b.op("Cast", b.op("Equal", z, b.scalar(0.0), tag=f"{tag}/eq0"), tag=f"{tag}/eq0f",
+                    to=int(helper.np_dtype_to_tensor_dtype(b.dtype)))
+        return b.op("Add", z, zero, tag=tag)
     if sign == 1:
         return b.op("Add", z, b.scalar(eps), tag=tag)
     if sign == -1:
@@ -53,7 +58,12 @@ def divide(b: Builder, r: gs.Tensor, z: gs.Tensor, eps: float, tag: str = "s",
     graph proves non-negative (with sign analysis on). A ``z`` with a ReLU cover
     (:func:`lrp_onnx.emit.relevance_support.relu_covers`) is divided as
     ``r / (relu(z) + eps)``; an ``r`` that is ``z * t`` (``abs_denominators``) as
-    ``(|z| * t) / (|z| + eps)``."""
+    ``(|z| * t) / (|z| + eps)``. With ``eps = 0`` an ``r`` recorded as ``z * t``
+    (:meth:`~lrp_onnx.emit.builder.Builder.factored`) gives ``t``: no division at all."""
+    if eps == 0.0:
+        t0 = b.factor(r, z)
+        if t0 is not None:
+            return t0
     cover = b.relu_covers.get(z.name) if sign is None else None
     if cover is not None:
         return b.op("Div", r, stabilize(b, cover, eps, tag=f"{tag}/stab", sign=1), tag=tag)

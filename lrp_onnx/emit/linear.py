@@ -215,7 +215,10 @@ def emit_linear(b: Builder, rule: LinearRule, op: LinearOp, r_out: gs.Tensor) ->
     for sel, contributions in parts.items():
         acc = _weighted_sum(b, contributions)
         if sel is not None:
+            g = acc
             acc = b.op("Mul", selected[sel], acc, tag="R/mul_input")
+            if sel is Sel.X and len(parts) == 1:
+                b.factored(acc, x, g)  # R = x * g: the gradient form (see Builder.factored)
         total = acc if total is None else b.op("Add", total, acc, tag="R/sum")
     assert total is not None, "every rule has a term that reads x, x⁺, 1 or a bound"
     return total

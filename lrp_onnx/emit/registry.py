@@ -49,6 +49,7 @@ class Kind(enum.Enum):
     POOLING = "pooling"              #: max and average pools, means over axes
     RESHAPING = "reshaping"          #: moves values: reshapes, transposes, slices, concatenation
     MERGE = "merge"                  #: combines data values elementwise (Add, Sum, Mul)
+    NORMALIZATION = "normalization"  #: normalizes by statistics of its input (LayerNorm)
     IDENTITY = "identity"            #: passes its input on (Identity, inference Dropout)
     SHAPE = "shape"                  #: reads only its input's shape: never carries relevance
     OUTPUT = "output"                #: a normalising output head (Softmax): explained through
@@ -106,6 +107,11 @@ class OpSpec:
             explained).
         weight_rank: the rank input 1 (the weight) must have: an int, or ``"input"`` for the
             rank of input 0.
+        product_kind: the layer kind of a node of this op whose operands are all activations
+            (``MatMul`` -> ``BilinearMatMul``, a product of two activations, not a dense layer).
+        routes: the op only moves values (each output element is an input element or a
+            constant) and its emitter only moves relevance back, so applied to ``g`` where the
+            relevance is ``y * g`` it gives the ``g`` of each input (the gradient form).
     """
 
     op_type: str
@@ -125,6 +131,8 @@ class OpSpec:
     merges: bool = False
     head: bool = False
     weight_rank: int | str | None = None
+    routes: bool = False
+    product_kind: str | None = None
 
     @property
     def doc(self) -> str:

@@ -213,6 +213,8 @@ def build_layers(graph: Graph) -> list[Layer]:
         act: Activation | None = None
         out = node.outputs[0]
         data_in = graph.data_inputs(node)
+        if spec is not None and spec.product_kind and len(data_in) == len(node.inputs) > 1:
+            kind = spec.product_kind  # a product of activations (attention), not a weight
         standalone = match_activation(graph, data_in[0], exclusive=False) if data_in else None
         if standalone is not None and node in standalone.nodes and \
                 not any(n.name in taken for n in standalone.nodes):
@@ -312,9 +314,9 @@ def summarize(graph: Graph, layer: Layer) -> str:
     """A one-line description in Flux's style (``Conv((3, 3), 3 => 8, relu, pad=1)``) from the
     op's ``summary`` fact; ``Op()`` for ops without one."""
     node = layer.primary
-    if layer.kind != node.op:  # a multi-node activation pattern (SiLU, Erf-GELU)
-        return layer.act_name or layer.kind.lower()
-    spec = spec_of(str(node.op))
+    spec = spec_of(layer.kind)
+    if layer.kind != node.op and (spec is None or spec.summary is None or layer.act_name):
+        return layer.act_name or layer.kind.lower()  # a multi-node activation (SiLU, Erf-GELU)
     if spec is not None and spec.summary is not None:
         try:
             return spec.summary(graph, layer)

@@ -28,6 +28,7 @@ from lrp_onnx.rules.core import (
     GammaRule,
     PassRule,
     Rule,
+    UniformRule,
     ZBoxRule,
     ZeroRule,
     ZPlusRule,
@@ -76,13 +77,17 @@ MeanPoolLayer = LayerGroup("MeanPoolLayer")
 PoolingLayer = LayerGroup("PoolingLayer")
 ReshapingLayer = LayerGroup("ReshapingLayer")
 NormalizationLayer = LayerGroup("NormalizationLayer")
+LayerNormLayer = LayerGroup("LayerNormLayer")
+SoftmaxLayer = LayerGroup("SoftmaxLayer")
+ProductLayer = LayerGroup("ProductLayer")
 ActivationLayer = LayerGroup("ActivationLayer")
 DropoutLayer = LayerGroup("DropoutLayer")
 
 #: Group names accepted as string keys; ``"Dense"`` is the seed page's spelling.
 GROUPS: dict[str, LayerGroup] = {
     g.name: g for g in (ConvLayer, DenseLayer, MaxPoolLayer, MeanPoolLayer, PoolingLayer,
-                        ReshapingLayer, NormalizationLayer, ActivationLayer, DropoutLayer)
+                        ReshapingLayer, NormalizationLayer, ActivationLayer, DropoutLayer,
+                        LayerNormLayer, SoftmaxLayer, ProductLayer)
 }
 GROUPS["Dense"] = DenseLayer
 
@@ -418,12 +423,38 @@ def EpsilonGammaBox(low: Any, high: Any, *, epsilon: float = 1e-6,  # noqa: N802
                      FirstLayerTypeMap({ConvLayer: ZBoxRule(low, high)}))
 
 
+def _transformer_map(epsilon: float, attention: Rule) -> Composite:
+    return Composite(GlobalMap(EpsilonRule(epsilon=epsilon)), GlobalTypeMap({
+        ProductLayer: attention,
+        ActivationLayer: PassRule(),
+        DropoutLayer: PassRule(),
+        ReshapingLayer: PassRule(),
+    }))
+
+
+def AttnLRP(*, epsilon: float = 0.0) -> Composite:  # noqa: N802 (the issue's name)
+    """AttnLRP (Achtibat et al., ICML 2024) as LXT computes it: the ε-rule (ε → 0 by default)
+    on linear layers, residual sums and LayerNorm's centring, the identity rule on activations
+    (GELU, SiLU) and on LayerNorm's division by σ, the softmax rule, and the uniform rule on
+    products of activations (``Q Kᵀ``, ``A V``)."""
+    return _transformer_map(epsilon, UniformRule(epsilon=epsilon))
+
+
+def CPLRP(*, epsilon: float = 0.0) -> Composite:  # noqa: N802 (the issue's name)
+    """CP-LRP (Ali et al., ICML 2022; LXT's default map for ViTs): AttnLRP's rules, except that
+    the attention weights (the Softmax output multiplying V) are held constant, so ``A V``
+    sends all its relevance to ``V`` and none reaches the queries and keys."""
+    return _transformer_map(epsilon, EpsilonRule(epsilon=epsilon))
+
+
 PRESETS = {
     "EpsilonPlus": EpsilonPlus,
     "EpsilonAlpha2Beta1": EpsilonAlpha2Beta1,
     "EpsilonPlusFlat": EpsilonPlusFlat,
     "EpsilonAlpha2Beta1Flat": EpsilonAlpha2Beta1Flat,
     "EpsilonGammaBox": EpsilonGammaBox,
+    "AttnLRP": AttnLRP,
+    "CPLRP": CPLRP,
 }
 
 

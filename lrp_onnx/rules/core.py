@@ -169,7 +169,13 @@ class ZeroRule(LinearRule):
 
 @dataclass(frozen=True, repr=False)
 class EpsilonRule(LinearRule):
-    """LRP-ε: ``R_j = sum_i x_j w_ij R_i / (z_i + eps * sign(z_i))``, default ``epsilon=1e-6``."""
+    """LRP-ε: ``R_j = sum_i x_j w_ij R_i / (z_i + eps * sign(z_i))``, default ``epsilon=1e-6``.
+
+    ``epsilon=0`` is the limit ε → 0 (LXT's and AttnLRP's linear rule): where the relevance
+    arrives as ``z * g`` (every ε-rule, the LayerNorm, softmax and uniform rules send it so) the
+    quotient is ``g`` itself, with no division (the gradient form); elsewhere ``R / z`` with
+    ``R / 0`` taken as ``R`` (zero, as the relevance at a zero value is for these rules).
+    """
 
     epsilon: float = 1e-6
     zero_bias: bool = False
@@ -344,6 +350,24 @@ class ZBoxRule(LinearRule):
 
 
 @dataclass(frozen=True, repr=False)
+class UniformRule(Rule):
+    """AttnLRP's uniform rule for a product of ``n`` activations (Achtibat et al. 2024, Prop.
+    3.2/3.3): each factor gets ``1/n`` of the relevance, ``R_a = a * J_a^T (R / stab(n z))``.
+
+    On ``Mul(a, b)``: ``R_a = R_b = a b R / stab(2ab)`` (``R/2`` each up to the stabilizer); on a
+    MatMul of two activations ``O = A B``: ``R_A = A * ((R / stab(2O)) Bᵀ)``, ``R_B = B * (Aᵀ
+    (R / stab(2O)))``. Default ``epsilon=0`` (the limit ε → 0, as LXT computes it).
+    """
+
+    epsilon: float = 0.0
+
+    @property
+    def eps(self) -> float:
+        """The stabilizer added to ``n z``."""
+        return float(self.epsilon)
+
+
+@dataclass(frozen=True, repr=False)
 class PassRule(Rule):
     """Relevance passes through unchanged (``R = reshape(R')``): activations, reshapes, dropout."""
 
@@ -365,10 +389,10 @@ LINEAR_RULES: tuple[type[Rule], ...] = (
 #: Rules a layer that only moves values (reshape, dropout, activation) accepts.
 ROUTING_RULES: tuple[type[Rule], ...] = (PassRule, ZeroRule, EpsilonRule)
 
-ALL_RULES: tuple[type[Rule], ...] = LINEAR_RULES + (PassRule, GradientRule)
+ALL_RULES: tuple[type[Rule], ...] = LINEAR_RULES + (PassRule, GradientRule, UniformRule)
 
 
 def rule_eps(rule: Rule) -> float:
-    """The stabilizer of a z-rule family member (ZeroRule, EpsilonRule)."""
-    assert isinstance(rule, LinearRule)
+    """The stabilizer of a z-rule family member (ZeroRule, EpsilonRule) or UniformRule."""
+    assert isinstance(rule, (LinearRule, UniformRule))
     return rule.eps

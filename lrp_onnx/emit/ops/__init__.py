@@ -4,9 +4,19 @@ Importing this package fills :data:`lrp_onnx.emit.registry.OP_SPECS` and seals i
 imports it, so the registry is complete whenever ``lrp_onnx`` is imported.
 """
 
-from lrp_onnx.emit.ops import activations, linear_ops, merge, other, pooling, structural
+from lrp_onnx.emit.ops import (
+    activations,
+    attention,
+    linear_ops,
+    merge,
+    norms,
+    other,
+    pooling,
+    structural,
+)
 from lrp_onnx.emit.registry import seal
 
 seal()
 
-__all__ = ["activations", "linear_ops", "merge", "other", "pooling", "structural"]
+__all__ = ["activations", "attention", "linear_ops", "merge", "norms", "other", "pooling",
+           "structural"]

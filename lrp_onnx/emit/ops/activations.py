@@ -47,7 +47,7 @@ _ACTIVATION: dict[str, Any] = {"kind": Kind.ACTIVATION, "rules": ROUTING_RULES,
 @emitter("Clip", sign=Sign.NONNEG, sign_condition=_clip_nonneg, display=_clip_name,
          **_ACTIVATION)
 @emitter("LeakyRelu", "PRelu", "Tanh", "HardSwish", "Gelu", "Elu", "Selu", "Celu", "Softsign",
-         "Mish", "ThresholdedRelu", **_ACTIVATION)
+         "Mish", "ThresholdedRelu", "Erf", "Pow", **_ACTIVATION)
 @emitter("SiLU", **_ACTIVATION)  # Mul(x, Sigmoid(x)), matched by the layer view
 def activation(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
     """``R = R'``: elementwise activations pass relevance unchanged (Zennit's Pass)."""

@@ -411,7 +411,7 @@ declare("ConvTranspose", kind=Kind.LINEAR, weight_rank="input")
 @emitter("Gemm", rules=LINEAR_RULES, groups=("DenseLayer",), summary=_dense_summary,
          absorbs=_WEIGHTED, weight_rank=2, **_LINEAR)
 @emitter("MatMul", rules=LINEAR_RULES, groups=("DenseLayer",), summary=_dense_summary,
-         absorbs=frozenset({"bias", "activation"}), **_LINEAR)
+         absorbs=frozenset({"bias", "activation"}), product_kind="BilinearMatMul", **_LINEAR)
 def linear_layer(b: Builder, layer: Layer, rule: Rule,
                  r_out: gs.Tensor) -> list[gs.Tensor | None]:
     """Any linear rule on Conv/Gemm/MatMul through the generic engine (:func:`emit_linear`)."""

@@ -10,9 +10,10 @@ import onnx_graphsurgeon as gs
 from lrp_onnx.emit.builder import Builder
 from lrp_onnx.emit.denominators import divide
 from lrp_onnx.emit.registry import Kind, Sign, Support, emitter, spec_of
+from lrp_onnx.errors import UnsupportedOp, node_label
 from lrp_onnx.frontend.graph import Graph
 from lrp_onnx.frontend.layers import Layer
-from lrp_onnx.rules.core import Z_RULES, GradientRule, PassRule, Rule, rule_eps
+from lrp_onnx.rules.core import Z_RULES, GradientRule, PassRule, Rule, UniformRule, rule_eps
 
 
 def unbroadcast(b: Builder, value: gs.Tensor, like: gs.Tensor, node_shape: list[int | None],
@@ -35,16 +36,23 @@ _MERGE: dict[str, Any] = {"kind": Kind.MERGE, "sign": Sign.PRESERVES,
 
 
 @emitter("Add", "Sum", rules=Z_RULES, merges=True, **_MERGE)
+@emitter("Sub", kind=Kind.MERGE, rules=Z_RULES, merges=True, support=Support.PROPORTIONAL)
 def add(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
-    """Proportional split ``R_i = x_i * R / stab(sum_j x_j)``; constant summands absorb theirs."""
+    """Proportional split ``R_i = x_i * R / stab(sum_j x_j)`` (a subtrahend counts as ``-x``);
+    constant summands absorb theirs."""
     node = layer.primary
     y = node.outputs[0]
     s = divide(b, r_out, y, rule_eps(rule))
     out_shape = b.graph.shape(y, node)
     result: list[gs.Tensor | None] = []
-    for i, x in enumerate(layer.inputs):
-        r = b.op("Mul", x, s, tag=f"R{i}")
-        result.append(unbroadcast(b, r, x, out_shape, tag=f"R{i}"))
+    data = [(j, x) for j, x in enumerate(node.inputs) if x.name in b.graph.data]
+    for i, (j, x) in enumerate(data):
+        t = b.op("Neg", s, tag=f"R{i}/neg") if node.op == "Sub" and j == 1 else s
+        r = b.op("Mul", x, t, tag=f"R{i}")
+        if b.graph.shape(x, node) == out_shape:
+            result.append(b.factored(r, x, t))
+        else:
+            result.append(unbroadcast(b, r, x, out_shape, tag=f"R{i}"))
     return result
 
 
@@ -80,12 +88,14 @@ def _gate_index(b: Builder, layer: Layer) -> int:
     return 1
 
 
-@emitter("Mul", rules=(*Z_RULES, PassRule, GradientRule), **_MERGE)
+@emitter("Mul", rules=(*Z_RULES, PassRule, GradientRule, UniformRule), groups=("ProductLayer",),
+         **_MERGE)
 def mul(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
     """A product ``x * g``: by default the gate ``g`` (a constant, or the Sigmoid/HardSigmoid
     input of a squeeze-excitation block) is a weight and all relevance goes to ``x``: ZeroRule/
-    EpsilonRule ``R_x = x g R' / stab(x g)``, PassRule ``R_x = R'``. GradientRule gives Zennit's
-    plain gradient ``R_x = g R'``, ``R_g = x R'`` (relevance is not conserved)."""
+    EpsilonRule ``R_x = x g R' / stab(x g)``, PassRule ``R_x = R'``. UniformRule (AttnLRP, two
+    activations): ``R_a = R_b = a b R' / stab(2 a b)``. GradientRule gives Zennit's plain
+    gradient ``R_x = g R'``, ``R_g = x R'`` (relevance is not conserved)."""
     node = layer.primary
     y = node.outputs[0]
     out_shape = b.graph.shape(y, node)
@@ -98,12 +108,49 @@ def mul(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tenso
             r = b.op("Mul", other, r_out, tag=f"R{i}")
             result.append(unbroadcast(b, r, x, out_shape, tag=f"R{i}"))
         return result
+    if isinstance(rule, UniformRule) and len(ins) == 2:
+        s = b.op("Mul", divide(b, r_out, y, rule.eps / 2), b.scalar(0.5), tag="S")
+        return [_times_input(b, x, b.op("Mul", s, other, tag=f"g{i}"), out_shape, f"R{i}")
+                for i, (x, other) in enumerate(zip(ins, ins[::-1]))]
     keep = 0 if len(ins) == 1 else 1 - _gate_index(b, layer)
     x = ins[keep]
-    if isinstance(rule, PassRule):
-        r = r_out
-    else:
-        r = b.op("Mul", y, divide(b, r_out, y, rule_eps(rule)), tag="R")
     result = [None] * len(ins)
-    result[keep] = unbroadcast(b, r, x, out_shape, tag="R")
+    if isinstance(rule, PassRule):
+        result[keep] = unbroadcast(b, r_out, x, out_shape, tag="R")
+        return result
+    eps = rule_eps(rule)
+    s = divide(b, r_out, y, eps)
+    others = [t for t in node.inputs if t is not x]
+    if eps == 0.0 and len(others) == 1:  # the gradient form: R_x = x * (g s)
+        result[keep] = _times_input(b, x, b.op("Mul", s, others[0], tag="g"), out_shape, "R")
+    else:
+        result[keep] = unbroadcast(b, b.op("Mul", y, s, tag="R"), x, out_shape, tag="R")
     return result
+
+
+def _times_input(b: Builder, x: gs.Tensor, t: gs.Tensor, out_shape: list[int | None],
+                 tag: str) -> gs.Tensor:
+    """``x * t`` summed down to the shape of ``x``; recorded as ``x * t`` where no sum is
+    needed."""
+    r = b.op("Mul", x, t, tag=tag)
+    if b.graph.shape(x) == out_shape:
+        return b.factored(r, x, t)
+    return unbroadcast(b, r, x, out_shape, tag=tag)
+
+
+@emitter("Div", rules=(*Z_RULES, PassRule), kind=Kind.MERGE, support=Support.PROPORTIONAL,
+         sign=Sign.PRESERVES, sign_condition=Graph.constant_operands_nonneg)
+def div(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
+    """``x / c`` by a constant (or data-free) ``c``: a scaling, ZeroRule/EpsilonRule
+    ``R_x = x (R' / stab(x / c)) / c``, PassRule ``R_x = R'``."""
+    node, g = layer.primary, b.graph
+    x = node.inputs[0]
+    if len(layer.inputs) != 1 or x.name not in g.data:
+        raise UnsupportedOp(f"node {node_label(node.name, node.op, g.opset)}: a division by "
+                            "an activation (only x / constant is supported)")
+    y = node.outputs[0]
+    out_shape = g.shape(y, node)
+    if isinstance(rule, PassRule):
+        return [unbroadcast(b, r_out, x, out_shape, tag="R")]
+    s = divide(b, r_out, y, rule_eps(rule))
+    return [_times_input(b, x, b.op("Div", s, node.inputs[1], tag="g"), out_shape, "R")]

@@ -12,7 +12,6 @@ from lrp_onnx.emit.registry import Kind, Sign, declare
 from lrp_onnx.frontend.graph import Graph
 
 declare("Shape", "Size", kind=Kind.SHAPE)
-declare("Softmax", kind=Kind.OUTPUT, head=True, sign=Sign.NONNEG, gate=True)
 declare("LogSoftmax", kind=Kind.OUTPUT, head=True)
 declare("Abs", "Exp", kind=Kind.ELEMENTWISE, sign=Sign.NONNEG)
 declare("Max", kind=Kind.ELEMENTWISE, sign=Sign.PRESERVES,

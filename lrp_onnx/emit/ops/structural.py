@@ -18,7 +18,7 @@ from lrp_onnx.rules.core import ROUTING_RULES, Rule
 
 #: Facts shared by every op that moves values without changing them.
 _MOVES: dict[str, Any] = {"kind": Kind.RESHAPING, "rules": ROUTING_RULES, "sign": Sign.PRESERVES,
-          "support": Support.ROUTING}
+          "support": Support.ROUTING, "routes": True}
 
 
 def _flatten_summary(graph: Graph, layer: Layer) -> str:
@@ -63,14 +63,14 @@ def transpose(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs
 
 
 @emitter("Identity", kind=Kind.IDENTITY, rules=ROUTING_RULES, sign=Sign.PRESERVES,
-         support=Support.ROUTING, head=True, summary=lambda graph, layer: "identity")
+         support=Support.ROUTING, head=True, routes=True, summary=lambda graph, layer: "identity")
 def identity(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
     """``R = R'``: the identity passes relevance unchanged (Zennit's Pass)."""
     return [r_out]
 
 
 @emitter("Dropout", kind=Kind.IDENTITY, rules=ROUTING_RULES, sign=Sign.PRESERVES,
-         support=Support.ROUTING, groups=("DropoutLayer",), summary=_dropout_summary)
+         support=Support.ROUTING, routes=True, groups=("DropoutLayer",), summary=_dropout_summary)
 def dropout(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
     """``R = R'`` for inference-mode Dropout; a ``training_mode`` that may be true is refused."""
     node, g = layer.primary, b.graph
@@ -90,11 +90,13 @@ def concat(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Te
     rank = len(g.shape(node.outputs[0], node))
     axis = int(attr(node, "axis", g.opset, 0)) % rank
     sizes = [g.shape(t, node)[axis] for t in node.inputs]
-    if any(s is None for s in sizes):
-        raise UnsupportedAttribute(f"node {node_label(node.name, node.op, g.opset)}: Concat "
-                                   "along a dynamic axis")
-    parts = b.op("Split", r_out, b.ints([int(s) for s in sizes]), tag="R",  # type: ignore[arg-type]
-                 outputs=len(sizes), axis=axis)
+    if any(s is None for s in sizes):  # sizes known at run time only: read them then
+        split = b.op("Concat", *(b.op("Slice", b.op("Shape", t, tag=f"size{i}/shape"),
+                                       b.ints([axis]), b.ints([axis + 1]), tag=f"size{i}")
+                                 for i, t in enumerate(node.inputs)), tag="sizes", axis=0)
+    else:
+        split = b.ints([int(s) for s in sizes])  # type: ignore[arg-type]
+    parts = b.op("Split", r_out, split, tag="R", outputs=len(sizes), axis=axis)
     parts = parts if isinstance(parts, list) else [parts]
     return [p for t, p in zip(node.inputs, parts) if t.name in g.data]
 
@@ -172,3 +174,47 @@ def split(b: Builder, layer: Layer, rule: Rule, r_out: Any) -> list[gs.Tensor | 
              for i, (r, out) in enumerate(zip(r_out, layer.outputs))]
     return [b.op("Concat", *parts, tag="R", axis=axis)]
 
+
+
+def _gather_summary(graph: Graph, layer: Layer) -> str:
+    node = layer.primary
+    idx = graph.const_value(node.inputs[1])
+    shown = "?" if idx is None else (str(int(idx)) if idx.ndim == 0 else fmt_tuple(
+        [int(i) for i in idx.ravel()[:4]]) if idx.size <= 4 else f"{idx.size} indices")
+    return f"Gather(axis={int(attr(node, 'axis', graph.opset, 0))}, {shown})"
+
+
+@emitter("Gather", summary=_gather_summary, **_MOVES)
+def gather(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
+    """Constant indices: each selected element gets its output's relevance back (summed where
+    an index repeats), the others none: ``Pad`` for one index or a contiguous range, else a
+    ``MatMul`` with the one-hot matrix of the indices."""
+    node, g = layer.primary, b.graph
+    x = layer.inputs[0]
+    idx = g.const_value(node.inputs[1])
+    label = node_label(node.name, node.op, g.opset)
+    if node.inputs[0] is not x or idx is None:
+        raise UnsupportedAttribute(f"node {label}: Gather of activations needs constant "
+                                   "indices (the data input is the one gathered from)")
+    shape = g.shape(x, node)
+    rank = len(shape)
+    axis = int(attr(node, "axis", g.opset, 0)) % rank
+    n = shape[axis]
+    if n is None or idx.ndim > 1:
+        raise UnsupportedAttribute(f"node {label}: Gather along an axis of run-time size or "
+                                   "with indices of rank > 1")
+    flat = [int(i) % n for i in idx.ravel()]
+    r = r_out if idx.ndim == 1 else b.op("Unsqueeze", r_out, b.ints([axis]), tag="R/unsqueeze")
+    first = flat[0] if flat else 0
+    if flat == list(range(first, first + len(flat))):
+        pads = [0] * (2 * rank)
+        pads[axis], pads[rank + axis] = first, n - first - len(flat)
+        return [b.op("Pad", r, b.ints(pads), tag="R", mode="constant")]
+    onehot = np.zeros((len(flat), n))
+    for j, i in enumerate(flat):
+        onehot[j, i] += 1.0
+    perm = [a for a in range(rank) if a != axis] + [axis]
+    back = [perm.index(a) for a in range(rank)]
+    moved = b.op("Transpose", r, tag="R/last", perm=perm)
+    spread = b.op("MatMul", moved, b.const(onehot, "onehot"), tag="R/spread")
+    return [b.op("Transpose", spread, tag="R", perm=back)]

@@ -1,0 +1,75 @@
+"""Layer normalization: AttnLRP's identity rule on the division by σ (Prop. 3.4).
+
+``y = γ (x − μ(x)) / σ(x) + β`` with σ held constant: the centring is linear (ε-rule), the
+scalings by ``1/σ`` and ``γ`` are elementwise (identity) and ``β`` absorbs its share. This is
+the LN-rule of Ali et al. (ICML 2022) and what LXT computes (``std.detach()``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from onnx import helper
+
+from lrp_onnx.emit.builder import Builder
+from lrp_onnx.emit.denominators import divide
+from lrp_onnx.emit.registry import Kind, Support, emitter
+from lrp_onnx.errors import UnsupportedOp, node_label
+from lrp_onnx.frontend.graph import Graph, attr
+from lrp_onnx.frontend.layers import Layer
+from lrp_onnx.rules.core import Z_RULES, PassRule, Rule, rule_eps
+
+
+def _summary(graph: Graph, layer: Layer) -> str:
+    node = layer.primary
+    dims = graph.shape(node.inputs[1]) if len(node.inputs) > 1 else []
+    shown = ", ".join(str(d) for d in dims)
+    return f"LayerNorm({shown})" if len(dims) != 1 else f"LayerNorm({dims[0]})"
+
+
+def _inv_std(b: Builder, node: gs.Node) -> gs.Tensor:
+    """The forward node's ``InvStdDev`` output (optional output 2), added if the model does not
+    read it: ONNX Runtime computes it anyway, ``y`` is unchanged."""
+    if len(node.outputs) > 2 and node.outputs[2].name:
+        return node.outputs[2]
+    while len(node.outputs) < 2:
+        node.outputs.append(gs.Variable.empty())
+    inv = gs.Variable(b.name("inv_std"), dtype=np.float32)
+    if len(node.outputs) == 2:
+        node.outputs.append(inv)
+    else:
+        node.outputs[2] = inv
+    return inv
+
+
+@emitter("LayerNormalization", kind=Kind.NORMALIZATION, rules=(*Z_RULES, PassRule),
+         groups=("LayerNormLayer",), summary=_summary, support=Support.PROPORTIONAL)
+def layer_normalization(b: Builder, layer: Layer, rule: Rule,
+                        r_out: gs.Tensor) -> list[gs.Tensor | None]:
+    """``R_x = x * (gv − mean(gv)) / σ``, ``gv = γ R / stab(y)`` over the normalized axes (σ held
+    constant: AttnLRP's LN rule); PassRule: ``R_x = R``."""
+    if isinstance(rule, PassRule):
+        return [r_out]
+    node, g = layer.primary, b.graph
+    x, y = node.inputs[0], node.outputs[0]
+    if x.name not in g.data or any(t.name in g.data for t in node.inputs[1:]):
+        raise UnsupportedOp(f"node {node_label(node.name, node.op, g.opset)}: only a "
+                            "LayerNormalization with constant scale and bias is supported")
+    shape = g.shape(x, node)
+    rank = len(shape)
+    axis = int(attr(node, "axis", g.opset, -1)) % rank
+    sizes = shape[axis:]
+    if None in sizes:
+        raise UnsupportedOp(f"node {node_label(node.name, node.op, g.opset)}: normalizes over "
+                            "an axis whose size is known only at run time")
+    s = divide(b, r_out, y, rule_eps(rule))
+    gv = b.op("Mul", s, node.inputs[1], tag="gv")
+    total = b.op("ReduceSum", gv, b.ints(list(range(axis, rank))), tag="sum", keepdims=1)
+    mean = b.op("Mul", total, b.scalar(1.0 / float(np.prod(sizes))), tag="mean")
+    centred = b.op("Sub", gv, mean, tag="gc")
+    inv = _inv_std(b, node)
+    if b.dtype != np.float32:
+        inv = b.op("Cast", inv, tag="inv_std/cast",
+                   to=int(helper.np_dtype_to_tensor_dtype(b.dtype)))
+    t = b.op("Mul", centred, inv, tag="g")
+    return [b.factored(b.op("Mul", x, t, tag="R"), x, t)]
