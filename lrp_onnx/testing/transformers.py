@@ -35,11 +35,6 @@ Exporter = Literal["legacy", "dynamo"]
 Mode = Literal["cp", "attnlrp"]
 MODES: tuple[Mode, ...] = ("cp", "attnlrp")
 
-#: ``VisionTransformer`` constructor arguments that :func:`vit_config` reads back from a model.
-CONFIG_KEYS = ("image_size", "patch_size", "num_layers", "num_heads", "hidden_dim", "mlp_dim",
-               "num_classes", "representation_size")
-
-
 # -- the model ------------------------------------------------------------------------------------
 def tiny_vit(seed: int = 0, num_layers: int = 2, num_heads: int = 3, hidden_dim: int = 192,
              mlp_dim: int = 768, num_classes: int = 10, image_size: int = 224,
