@@ -134,7 +134,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     def line(layer: Any) -> str:
         idx = str(prep.indices[layer.index])
-        return f"{idx:<{width}}  {layer.summary} => {rules[layer.index]!r}"
+        text = f"{idx:<{width}}  {layer.summary} => {rules[layer.index]!r}"
+        # the exporter's module path (a transformer's block, attention, mlp, norm)
+        return f"{text}  # {'.'.join(layer.scope)}" if layer.scope else text
 
     print(f"{prep.label}: {len(prep.layers)} layers")
     if args.flat:

@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 
 from lrp_onnx.emit.registry import Kind, is_kind, spec_of
 from lrp_onnx.frontend.graph import Graph, attr
+from lrp_onnx.frontend.patterns import match_layer_norm
 
 
 @dataclass(eq=False)
@@ -148,46 +149,104 @@ def _silu(graph: Graph, x: gs.Tensor) -> Activation | None:
     return None
 
 
+def _gelu_tail(graph: Graph, x: gs.Tensor, head: tuple[gs.Node, ...],
+               one_plus: gs.Tensor) -> Activation | None:
+    """The end of a GELU, ``0.5 * x * one_plus`` in any multiplication order, after ``head``
+    (the nodes computing ``one_plus = 1 + erf(...)`` or ``1 + tanh(...)`` from ``x``)."""
+    mul = _only_into(graph, one_plus, "Mul")
+    if mul is None:
+        return None
+    product: gs.Tensor = mul.outputs[0]
+    other = mul.inputs[1] if mul.inputs[0] is one_plus else mul.inputs[0]
+    if _near(graph.const_value(other), 0.5):  # x * (0.5 * one_plus) (dynamo, opset 18)
+        last = _only_into(graph, product, "Mul")
+        if last is not None and x in last.inputs:
+            return Activation((*head, mul, last), last.outputs[0], "Gelu", "gelu")
+        return None
+    if other is x:  # (x * one_plus) * 0.5
+        half = _only_into(graph, product, "Mul")
+        if half is not None and _near(_const_other(graph, half, product), 0.5):
+            return Activation((*head, mul, half), half.outputs[0], "Gelu", "gelu")
+        return None
+    half2 = graph.producer(other)  # (x * 0.5) * one_plus
+    if half2 is not None and half2.op == "Mul" and x in half2.inputs and \
+            _near(_const_other(graph, half2, x), 0.5) and _only_into(graph, other, "Mul") is mul:
+        return Activation((*head, half2, mul), product, "Gelu", "gelu")
+    return None
+
+
+def _one_plus(graph: Graph, node: gs.Node | None) -> gs.Node | None:
+    """The ``Add(·, 1)`` that is the only reader of ``node``'s output."""
+    if node is None:
+        return None
+    add = _only_into(graph, node.outputs[0], "Add")
+    if add is None or not _near(_const_other(graph, add, node.outputs[0]), 1.0):
+        return None
+    return add
+
+
 def _gelu_erf(graph: Graph, x: gs.Tensor) -> Activation | None:
-    """``0.5 * x * (1 + Erf(x / sqrt(2)))`` in either multiplication order (legacy exports)."""
+    """``0.5 * x * (1 + Erf(x / sqrt(2)))`` in any multiplication order (legacy and dynamo
+    opset-18 exports)."""
     for scale in graph.consumers(x):
         c = _const_other(graph, scale, x)
         if not ((scale.op == "Div" and scale.inputs[0] is x and _near(c, 2 ** 0.5)) or
                 (scale.op == "Mul" and _near(c, 2 ** -0.5))):
             continue
         erf = _only_into(graph, scale.outputs[0], "Erf")
-        if erf is None:
+        add = _one_plus(graph, erf)
+        if erf is not None and add is not None:
+            act = _gelu_tail(graph, x, (scale, erf, add), add.outputs[0])
+            if act is not None:
+                return act
+    return None
+
+
+def _cube(graph: Graph, x: gs.Tensor, node: gs.Node) -> tuple[gs.Node, ...]:
+    """The nodes computing ``x**3`` from ``node`` (``Pow(x, 3)`` or ``x * (x * x)``), or ()."""
+    if node.op == "Pow" and node.inputs[0] is x and _near(graph.const_value(node.inputs[1]), 3.0):
+        return (node,)
+    if node.op == "Mul" and node.inputs[0] is x and node.inputs[1] is x:
+        m2 = _only_into(graph, node.outputs[0], "Mul")
+        if m2 is not None and x in m2.inputs:
+            return (node, m2)
+    return ()
+
+
+def _gelu_tanh(graph: Graph, x: gs.Tensor) -> Activation | None:
+    """``0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x**3)))`` (GELU's tanh
+    approximation) as the legacy and dynamo opset-18 exporters spell it."""
+    for first in graph.consumers(x):
+        cube = _cube(graph, x, first)
+        if not cube:
             continue
-        add = _only_into(graph, erf.outputs[0], "Add")
-        if add is None or not _near(_const_other(graph, add, erf.outputs[0]), 1.0):
+        c1 = _only_into(graph, cube[-1].outputs[0], "Mul")
+        if c1 is None or not _near(_const_other(graph, c1, cube[-1].outputs[0]), 0.044715):
             continue
-        one_plus = add.outputs[0]
-        mul = _only_into(graph, one_plus, "Mul")
-        if mul is None:
+        add = _only_into(graph, c1.outputs[0], "Add")
+        if add is None or x not in add.inputs:
             continue
-        product: gs.Tensor = mul.outputs[0]
-        other = mul.inputs[1] if mul.inputs[0] is one_plus else mul.inputs[0]
-        if other is x:  # (x * (1 + erf)) * 0.5
-            half = _only_into(graph, mul.outputs[0], "Mul")
-            if half is not None and _near(_const_other(graph, half, mul.outputs[0]), 0.5):
-                return Activation((scale, erf, add, mul, half), half.outputs[0], "Gelu", "gelu")
-        else:  # (x * 0.5) * (1 + erf)
-            half2 = graph.producer(other)
-            if half2 is not None and half2.op == "Mul" and x in half2.inputs and \
-                    _near(_const_other(graph, half2, x), 0.5) and \
-                    _only_into(graph, other, "Mul") is mul:
-                return Activation((scale, erf, add, half2, mul), product, "Gelu", "gelu")
+        c2 = _only_into(graph, add.outputs[0], "Mul")
+        if c2 is None or not _near(_const_other(graph, c2, add.outputs[0]),
+                                   (2 / np.pi) ** 0.5):
+            continue
+        tanh = _only_into(graph, c2.outputs[0], "Tanh")
+        one = _one_plus(graph, tanh)
+        if tanh is not None and one is not None:
+            act = _gelu_tail(graph, x, (*cube, c1, add, c2, tanh, one), one.outputs[0])
+            if act is not None:
+                return act
     return None
 
 
 def match_activation(graph: Graph, x: gs.Tensor, *, exclusive: bool) -> Activation | None:
     """An activation applied to ``x``: one node of an op of kind ``ACTIVATION`` (see
-    :class:`lrp_onnx.emit.registry.Kind`) or a SiLU / Erf-GELU decomposition. With
+    :class:`lrp_onnx.emit.registry.Kind`) or a SiLU / Erf-GELU / tanh-GELU decomposition. With
     ``exclusive``, ``x`` must feed nothing else (to fold it into a layer)."""
     if graph.is_graph_output(x) or x.name == graph.logits.name:
         return None
     cons = graph.consumers(x)
-    for pattern in (_silu, _gelu_erf):
+    for pattern in (_silu, _gelu_erf, _gelu_tanh):
         act = pattern(graph, x)
         if act is not None and (not exclusive or all(c in act.nodes for c in cons)):
             return act
@@ -216,7 +275,11 @@ def build_layers(graph: Graph) -> list[Layer]:
         if spec is not None and spec.product_kind and len(data_in) == len(node.inputs) > 1:
             kind = spec.product_kind  # a product of activations (attention), not a weight
         standalone = match_activation(graph, data_in[0], exclusive=False) if data_in else None
-        if standalone is not None and node in standalone.nodes and \
+        norm = match_layer_norm(graph, node) if node.op == "ReduceMean" else None
+        if norm is not None and not any(n.name in taken for n in norm.nodes):
+            nodes, kind, out, pre = list(norm.nodes), "DecomposedLayerNorm", norm.output, \
+                norm.output
+        elif standalone is not None and node in standalone.nodes and \
                 not any(n.name in taken for n in standalone.nodes):
             # a multi-node activation (SiLU, Erf-GELU) is one layer of its own
             nodes, kind, out = list(standalone.nodes), standalone.kind, standalone.output
@@ -266,9 +329,10 @@ def build_layers(graph: Graph) -> list[Layer]:
 
 
 # -- summaries (Flux-style, as on the seed page) --------------------------------------------------
-def fmt_tuple(values: list[int]) -> str:
-    """Julia's tuple spelling: ``(3, 3)``, ``(2,)``."""
-    return "(" + ", ".join(str(v) for v in values) + ("," if len(values) == 1 else "") + ")"
+def fmt_tuple(values: list[int] | list[int | None]) -> str:
+    """Julia's tuple spelling: ``(3, 3)``, ``(2,)``; a size known only at run time is ``?``."""
+    shown = ["?" if v is None else str(v) for v in values]
+    return "(" + ", ".join(shown) + ("," if len(values) == 1 else "") + ")"
 
 
 def act_name(graph: Graph, node: gs.Node | None) -> str | None:

@@ -7,6 +7,8 @@ memory. None of these passes changes a computed value; they rename, alias and an
 * ``name_nodes``: every node gets a unique, stable name (errors and emitted names use it);
 * ``fold_constant_nodes``: ``Constant`` nodes become initializers and ``Identity`` of an
   initializer (the legacy exporter's weight de-duplication) becomes an alias of it;
+* ``lower_attention``: the fused ``Attention`` op (opset 23+) becomes its unfused computation
+  (:mod:`lrp_onnx.frontend.lowering`; the one pass that changes how a value is computed);
 * ``upgrade_opset``: models below opset 16 are converted to 17 (``ScatterElements`` needs
   ``reduction``);
 * ``infer_shapes``: static shapes and dtypes for every value.
@@ -36,6 +38,7 @@ from onnx import numpy_helper, version_converter
 
 from lrp_onnx.errors import CanonizerError
 from lrp_onnx.frontend.load import default_opset, skeleton
+from lrp_onnx.frontend.lowering import lower_attention
 
 #: Opset the model is upgraded to when below ``UPGRADE_BELOW``.
 TARGET_OPSET = 17
@@ -173,6 +176,7 @@ def infer_shapes(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
 DEFAULT_PASSES: tuple[Pass, ...] = (
     Pass("name_nodes", name_nodes, "unique node names"),
     Pass("fold_constant_nodes", fold_constant_nodes, "Constant -> initializer, Identity aliasing"),
+    Pass("lower_attention", lower_attention, "fused Attention -> MatMul, Softmax, MatMul"),
     Pass("upgrade_opset", upgrade_opset, "opset < 16 -> 17"),
     Pass("infer_shapes", infer_shapes, "static shapes and dtypes"),
 )

@@ -52,8 +52,9 @@ class _RuleTuple(tuple[Any, ...]):
             if isinstance(child, _RuleTuple):
                 sub = child.lines(item)
                 out += ["  " + s for s in sub[:-1]] + ["  " + sub[-1] + ","]
-            else:
-                out.append(f"  {item(child) if item else _leaf(child)},")
+            else:  # a trailing "  # comment" stays after the comma
+                text, sep, comment = (item(child) if item else _leaf(child)).partition("  # ")
+                out.append(f"  {text},{sep}{comment}")
         out.append(")")
         return out
 

@@ -55,7 +55,7 @@ def softmax(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.T
 
 def _bilinear_summary(graph: Graph, layer: Layer) -> str:
     a, c = (graph.shape(t, layer.primary)[-2:] for t in layer.inputs)
-    shown = [fmt_tuple([-1 if d is None else int(d) for d in dims]) for dims in (a, c)]
+    shown = [fmt_tuple(dims) for dims in (a, c)]
     return f"BilinearMatMul({shown[0]} × {shown[1]})"
 
 

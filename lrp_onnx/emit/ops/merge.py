@@ -9,7 +9,7 @@ import onnx_graphsurgeon as gs
 
 from lrp_onnx.emit.builder import Builder
 from lrp_onnx.emit.denominators import divide
-from lrp_onnx.emit.registry import Kind, Sign, Support, emitter, spec_of
+from lrp_onnx.emit.registry import Kind, Sign, Support, declare, emitter, spec_of
 from lrp_onnx.errors import UnsupportedOp, node_label
 from lrp_onnx.frontend.graph import Graph
 from lrp_onnx.frontend.layers import Layer
@@ -138,8 +138,14 @@ def _times_input(b: Builder, x: gs.Tensor, t: gs.Tensor, out_shape: list[int | N
     return unbroadcast(b, r, x, out_shape, tag=tag)
 
 
+# A quotient of two activations outside a recognised pattern (LayerNorm's decomposition) has no
+# rule: the layer view names it so, and it is refused with every other unsupported node at once.
+declare("DivByActivation", kind=Kind.ELEMENTWISE)
+
+
 @emitter("Div", rules=(*Z_RULES, PassRule), kind=Kind.MERGE, support=Support.PROPORTIONAL,
-         sign=Sign.PRESERVES, sign_condition=Graph.constant_operands_nonneg)
+         sign=Sign.PRESERVES, sign_condition=Graph.constant_operands_nonneg,
+         product_kind="DivByActivation")
 def div(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
     """``x / c`` by a constant (or data-free) ``c``: a scaling, ZeroRule/EpsilonRule
     ``R_x = x (R' / stab(x / c)) / c``, PassRule ``R_x = R'``."""

@@ -17,6 +17,7 @@ from lrp_onnx.emit.registry import Kind, Support, emitter
 from lrp_onnx.errors import UnsupportedOp, node_label
 from lrp_onnx.frontend.graph import Graph, attr
 from lrp_onnx.frontend.layers import Layer
+from lrp_onnx.frontend.patterns import match_layer_norm
 from lrp_onnx.rules.core import Z_RULES, PassRule, Rule, rule_eps
 
 
@@ -62,14 +63,46 @@ def layer_normalization(b: Builder, layer: Layer, rule: Rule,
     if None in sizes:
         raise UnsupportedOp(f"node {node_label(node.name, node.op, g.opset)}: normalizes over "
                             "an axis whose size is known only at run time")
-    s = divide(b, r_out, y, rule_eps(rule))
-    gv = b.op("Mul", s, node.inputs[1], tag="gv")
-    total = b.op("ReduceSum", gv, b.ints(list(range(axis, rank))), tag="sum", keepdims=1)
-    mean = b.op("Mul", total, b.scalar(1.0 / float(np.prod(sizes))), tag="mean")
-    centred = b.op("Sub", gv, mean, tag="gc")
     inv = _inv_std(b, node)
     if b.dtype != np.float32:
         inv = b.op("Cast", inv, tag="inv_std/cast",
                    to=int(helper.np_dtype_to_tensor_dtype(b.dtype)))
-    t = b.op("Mul", centred, inv, tag="g")
-    return [b.factored(b.op("Mul", x, t, tag="R"), x, t)]
+    s = divide(b, r_out, y, rule_eps(rule))
+    return [_ln_rule(b, x, s, node.inputs[1], list(range(axis, rank)), sizes, inv, "Mul")]
+
+
+def _ln_rule(b: Builder, x: gs.Tensor, s: gs.Tensor, gamma: gs.Tensor | None, axes: list[int],
+             sizes: list[int | None], sigma: gs.Tensor, scale_op: str) -> gs.Tensor:
+    """``x * (gv − mean(gv)) / σ`` with ``gv = γ s`` (``scale_op``: ``Mul`` by 1/σ or ``Div``
+    by σ), recorded in the gradient form."""
+    gv = s if gamma is None else b.op("Mul", s, gamma, tag="gv")
+    total = b.op("ReduceSum", gv, b.ints(axes), tag="sum", keepdims=1)
+    count = float(np.prod([int(d or 0) for d in sizes]))
+    mean = b.op("Mul", total, b.scalar(1.0 / count), tag="mean")
+    t = b.op(scale_op, b.op("Sub", gv, mean, tag="gc"), sigma, tag="g")
+    return b.factored(b.op("Mul", x, t, tag="R"), x, t)
+
+
+def _decomposed_summary(graph: Graph, layer: Layer) -> str:
+    unit = match_layer_norm(graph, layer.primary)
+    shape = graph.shape(layer.inputs[0])
+    dims = [shape[a] for a in unit.axes] if unit is not None else []
+    return f"LayerNorm({', '.join('?' if d is None else str(d) for d in dims)})"
+
+
+@emitter("DecomposedLayerNorm", kind=Kind.NORMALIZATION, rules=(*Z_RULES, PassRule),
+         groups=("LayerNormLayer",), summary=_decomposed_summary, support=Support.PROPORTIONAL)
+def decomposed_layer_norm(b: Builder, layer: Layer, rule: Rule,
+                          r_out: gs.Tensor) -> list[gs.Tensor | None]:
+    """The LN rule on ``(x − mean) / σ [* γ] [+ β]`` spelled out in elementwise ops: ``R_x = x *
+    (gv − mean(gv)) / σ``, ``gv = γ R / stab(y)``; PassRule: ``R_x = R``."""
+    if isinstance(rule, PassRule):
+        return [r_out]
+    unit = match_layer_norm(b.graph, layer.primary)
+    assert unit is not None  # the layer view matched it
+    sizes = [b.graph.shape(unit.x)[a] for a in unit.axes]
+    if None in sizes:
+        raise UnsupportedOp(f"node {node_label(layer.name, layer.kind)}: normalizes over an "
+                            "axis whose size is known only at run time")
+    s = divide(b, r_out, unit.output, rule_eps(rule))
+    return [_ln_rule(b, unit.x, s, unit.gamma, list(unit.axes), sizes, unit.std, "Div")]

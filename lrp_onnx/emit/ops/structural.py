@@ -27,7 +27,7 @@ def _flatten_summary(graph: Graph, layer: Layer) -> str:
 
 
 def _reshape_summary(graph: Graph, layer: Layer) -> str:
-    return f"Reshape({fmt_tuple(graph.shape(layer.output)[1:])})"  # type: ignore[arg-type]
+    return f"Reshape({fmt_tuple(graph.shape(layer.output)[1:])})"
 
 
 def _dropout_summary(graph: Graph, layer: Layer) -> str:
@@ -184,7 +184,7 @@ def _gather_summary(graph: Graph, layer: Layer) -> str:
     return f"Gather(axis={int(attr(node, 'axis', graph.opset, 0))}, {shown})"
 
 
-@emitter("Gather", summary=_gather_summary, **_MOVES)
+@emitter("Gather", summary=_gather_summary, groups=("ReshapingLayer",), **_MOVES)
 def gather(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
     """Constant indices: each selected element gets its output's relevance back (summed where
     an index repeats), the others none: ``Pad`` for one index or a contiguous range, else a
