@@ -25,19 +25,11 @@ from lrp_onnx.errors import (
 from lrp_onnx.frontend.structure import ChainTuple, ParallelTuple, SkipConnectionTuple
 from lrp_onnx.io import save_model
 from lrp_onnx.rules.composites import (
-    CPLRP,
-    PRESETS,
     ActivationLayer,
-    AttnLRP,
     Composite,
     ConvLayer,
     DenseLayer,
     DropoutLayer,
-    EpsilonAlpha2Beta1,
-    EpsilonAlpha2Beta1Flat,
-    EpsilonGammaBox,
-    EpsilonPlus,
-    EpsilonPlusFlat,
     FirstLayerMap,
     FirstLayerTypeMap,
     FirstNTypeMap,
@@ -58,7 +50,6 @@ from lrp_onnx.rules.composites import (
     RangeTypeMap,
     ReshapingLayer,
     SoftmaxLayer,
-    parse_composite,
 )
 from lrp_onnx.rules.core import (
     AlphaBetaRule,
@@ -74,6 +65,17 @@ from lrp_onnx.rules.core import (
     ZBoxRule,
     ZeroRule,
     ZPlusRule,
+)
+from lrp_onnx.rules.presets import (
+    CPLRP,
+    PRESETS,
+    AttnLRP,
+    EpsilonAlpha2Beta1,
+    EpsilonAlpha2Beta1Flat,
+    EpsilonGammaBox,
+    EpsilonPlus,
+    EpsilonPlusFlat,
+    parse_composite,
 )
 from lrp_onnx.runtime import Explanation
 from lrp_onnx.version import __version__

@@ -44,7 +44,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _composite(args: argparse.Namespace) -> Any:
-    from lrp_onnx.rules.composites import parse_composite
+    from lrp_onnx.rules.presets import parse_composite
     from lrp_onnx.rules.rulefile import load_rules
 
     if getattr(args, "composite", None) and getattr(args, "rules", None):

@@ -18,26 +18,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lrp_onnx.emit.registry import group_ops
-from lrp_onnx.errors import RuleAssignmentError
+import onnx_graphsurgeon as gs
+
+from lrp_onnx.emit.registry import Kind, group_ops, has_emitter, spec_of
 from lrp_onnx.frontend.layers import Layer
 from lrp_onnx.rules.core import (
-    AlphaBetaRule,
-    EpsilonRule,
-    FlatRule,
-    GammaRule,
-    PassRule,
     Rule,
-    UniformRule,
-    ZBoxRule,
     ZeroRule,
-    ZPlusRule,
-)
-from lrp_onnx.rules.spelling import (
-    BadKeywordsError,
-    NotACallError,
-    NotANumberError,
-    parse_spelling,
 )
 
 
@@ -327,6 +314,60 @@ class FirstNTypeMap(GlobalTypeMap):
         return _lookup(self.pairs, info.layer.kind) if info.index[0] <= self.n else None
 
 
+def _moves(node: Any) -> bool:
+    """A node that only moves, scales or shifts values between a projection and attention
+    scores: a routing op, or an elementwise merge with one non-constant input (the ``1/√d``
+    scale, a bias)."""
+    spec = spec_of(str(node.op))
+    if spec is None:
+        return False
+    return spec.routes or (spec.kind is Kind.MERGE and
+                           sum(not isinstance(t, gs.Constant) for t in node.inputs) == 1)
+
+
+def _product_of_activations(node: Any) -> bool:
+    spec = spec_of(str(node.op))
+    return spec is not None and spec.product_kind is not None and \
+        has_emitter(spec.product_kind) and len(node.inputs) > 1 and \
+        not any(isinstance(t, gs.Constant) for t in node.inputs)
+
+
+def attention_projection(layer: Layer) -> bool:
+    """Whether ``layer`` feeds a product of two activations (the q/k/v projections) or reads
+    one (the output projection), through reshapes, transposes, gathers and constant scales."""
+    seen: set[str] = set()
+    todo = [(n, True) for n in layer.output.outputs]
+    todo += [(p, False) for t in layer.inputs for p in t.inputs]
+    while todo:
+        node, forward = todo.pop()
+        if node.name in seen:
+            continue
+        seen.add(node.name)
+        if _product_of_activations(node):
+            return True
+        if not _moves(node):
+            continue
+        if forward:
+            todo += [(c, True) for out in node.outputs for c in out.outputs]
+        else:
+            todo += [(p, False) for t in node.inputs if not isinstance(t, gs.Constant)
+                     for p in t.inputs]
+    return False
+
+
+class OutsideAttentionTypeMap(GlobalTypeMap):
+    """A type map on the layers that are not attention projections (see
+    :func:`attention_projection`): the patch embedding, MLP and head linears of a ViT, where
+    LXT's Gamma variant applies zennit's rules (torchvision's attention projections are not
+    called as modules, so zennit never reaches them)."""
+
+    comment = "layers outside attention"
+
+    def rule_for(self, info: LayerInfo) -> Rule | None:
+        rule = _lookup(self.pairs, info.layer.kind)
+        return rule if rule is not None and not attention_projection(info.layer) else None
+
+
 def _fmt_positions(positions: tuple[int, ...]) -> str:
     if positions and positions == tuple(range(positions[0], positions[-1] + 1)):
         return f"{positions[0]}:{positions[-1]}"
@@ -381,104 +422,3 @@ def layer_infos(layers: Sequence[Layer], indices: Mapping[int, tuple[int, ...]],
     return [LayerInfo(layer=la, index=indices[la.index],
                       first=any(t.name == data_input for t in la.inputs),
                       last=la.output.name == logits) for la in layers]
-
-
-# -- presets (RelevancePropagation.jl's maps) ------------------------------------------------------
-def _base_map(conv_rule: Rule, epsilon: float) -> GlobalTypeMap:
-    return GlobalTypeMap({
-        ConvLayer: conv_rule,
-        DenseLayer: EpsilonRule(epsilon=epsilon),
-        NormalizationLayer: PassRule(),
-        DropoutLayer: PassRule(),
-        ReshapingLayer: PassRule(),
-        "Identity": PassRule(),
-    })
-
-
-def EpsilonPlus(*, epsilon: float = 1e-6) -> Composite:  # noqa: N802 (seed page name)
-    """ZPlusRule on convolutions, EpsilonRule on dense layers."""
-    return Composite(_base_map(ZPlusRule(), epsilon))
-
-
-def EpsilonAlpha2Beta1(*, epsilon: float = 1e-6) -> Composite:  # noqa: N802
-    """AlphaBetaRule(2, 1) on convolutions, EpsilonRule on dense layers."""
-    return Composite(_base_map(AlphaBetaRule(2.0, 1.0), epsilon))
-
-
-def EpsilonPlusFlat(*, epsilon: float = 1e-6) -> Composite:  # noqa: N802
-    """EpsilonPlus with FlatRule on a first convolution."""
-    return Composite(_base_map(ZPlusRule(), epsilon), FirstLayerTypeMap({ConvLayer: FlatRule()}))
-
-
-def EpsilonAlpha2Beta1Flat(*, epsilon: float = 1e-6) -> Composite:  # noqa: N802
-    """EpsilonAlpha2Beta1 with FlatRule on a first convolution."""
-    return Composite(_base_map(AlphaBetaRule(2.0, 1.0), epsilon),
-                     FirstLayerTypeMap({ConvLayer: FlatRule()}))
-
-
-def EpsilonGammaBox(low: Any, high: Any, *, epsilon: float = 1e-6,  # noqa: N802
-                    gamma: float = 0.25) -> Composite:
-    """GammaRule on convolutions, ZBoxRule(low, high) on a first one, EpsilonRule on dense."""
-    return Composite(_base_map(GammaRule(gamma=gamma), epsilon),
-                     FirstLayerTypeMap({ConvLayer: ZBoxRule(low, high)}))
-
-
-def _transformer_map(epsilon: float, attention: Rule) -> Composite:
-    return Composite(GlobalMap(EpsilonRule(epsilon=epsilon)), GlobalTypeMap({
-        ProductLayer: attention,
-        ActivationLayer: PassRule(),
-        DropoutLayer: PassRule(),
-        ReshapingLayer: PassRule(),
-    }))
-
-
-def AttnLRP(*, epsilon: float = 0.0) -> Composite:  # noqa: N802 (the issue's name)
-    """AttnLRP (Achtibat et al., ICML 2024) as LXT computes it: the ε-rule (ε → 0 by default)
-    on linear layers, residual sums and LayerNorm's centring, the identity rule on activations
-    (GELU, SiLU) and on LayerNorm's division by σ, the softmax rule, and the uniform rule on
-    products of activations (``Q Kᵀ``, ``A V``)."""
-    return _transformer_map(epsilon, UniformRule(epsilon=epsilon))
-
-
-def CPLRP(*, epsilon: float = 0.0) -> Composite:  # noqa: N802 (the issue's name)
-    """CP-LRP (Ali et al., ICML 2022; LXT's default map for ViTs): AttnLRP's rules, except that
-    the attention weights (the Softmax output multiplying V) are held constant, so ``A V``
-    sends all its relevance to ``V`` and none reaches the queries and keys."""
-    return _transformer_map(epsilon, EpsilonRule(epsilon=epsilon))
-
-
-PRESETS = {
-    "EpsilonPlus": EpsilonPlus,
-    "EpsilonAlpha2Beta1": EpsilonAlpha2Beta1,
-    "EpsilonPlusFlat": EpsilonPlusFlat,
-    "EpsilonAlpha2Beta1Flat": EpsilonAlpha2Beta1Flat,
-    "EpsilonGammaBox": EpsilonGammaBox,
-    "AttnLRP": AttnLRP,
-    "CPLRP": CPLRP,
-}
-
-
-def parse_composite(spec: str) -> Composite:
-    """Parse ``"EpsilonPlusFlat"`` or ``"EpsilonGammaBox(low=-3.0, high=3.0)"`` safely.
-
-    The text is parsed with :mod:`ast` and only a preset name with numeric arguments is accepted;
-    nothing is evaluated.
-    """
-    names = ", ".join(PRESETS)
-    try:
-        func, args, kwargs = parse_spelling(spec)  # booleans are not numbers here
-    except NotACallError:
-        raise RuleAssignmentError(f"composite {spec!r} is not a preset name or call; "
-                                  f"presets: {names}") from None
-    except NotANumberError:
-        raise RuleAssignmentError(f"composite {spec!r}: only numbers are allowed as "
-                                  "arguments") from None
-    except BadKeywordsError:  # a **mapping or a repeated keyword
-        raise RuleAssignmentError(f"composite {spec!r}: **kwargs are not allowed") from None
-    if func not in PRESETS:
-        raise RuleAssignmentError(f"unknown composite preset {func!r}; presets: {names}")
-    try:
-        composite: Composite = PRESETS[func](*args, **kwargs)  # type: ignore[operator]
-        return composite
-    except TypeError as exc:
-        raise RuleAssignmentError(f"composite {spec!r}: {exc}") from None

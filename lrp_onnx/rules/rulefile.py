@@ -32,6 +32,7 @@ from typing import Any
 from lrp_onnx.errors import RuleAssignmentError
 from lrp_onnx.rules import composites as C
 from lrp_onnx.rules import core as R
+from lrp_onnx.rules import presets as P
 from lrp_onnx.rules.spelling import NotACallError, NotANumberError, parse_spelling
 
 RULES: dict[str, type[R.Rule]] = {cls.__name__: cls for cls in R.ALL_RULES}
@@ -111,7 +112,7 @@ def composite_from_dict(data: dict[str, Any], label: str) -> C.Composite:
                                   "expected 'preset' and 'map'")
     prims: list[C.Primitive] = []
     if "preset" in data:
-        prims += list(C.parse_composite(str(data["preset"])).primitives)
+        prims += list(P.parse_composite(str(data["preset"])).primitives)
     entries = data.get("map", [])
     if not isinstance(entries, list):
         raise RuleAssignmentError(f"{label}: 'map' must be a list of tables")

@@ -1,7 +1,7 @@
 """Safe parsing of the spellings ``Name`` and ``Name(numeric args, numeric kwargs)``.
 
 Composite presets (``"EpsilonGammaBox(low=-3.0, high=3.0)"``, see
-:func:`lrp_onnx.rules.composites.parse_composite`) and rules (``"EpsilonRule(epsilon=1e-6)"``,
+:func:`lrp_onnx.rules.presets.parse_composite`) and rules (``"EpsilonRule(epsilon=1e-6)"``,
 see :func:`lrp_onnx.rules.rulefile.parse_rule`) are written this way on the command line and in
 rule files. The text is parsed with :mod:`ast` and nothing is evaluated: every argument must be a
 number literal, optionally signed (``-3``, ``+1e-6``, ``--2``). This module only splits the text

@@ -200,7 +200,7 @@ def _random_input(model: onnx.ModelProto, rng: np.random.Generator,
 def mutation_case(seed: int, bases: list[bytes], run_cli: bool | None = None) -> Outcome:
     """Mutate one base model, compile and (if it compiles) run it; classify the outcome."""
     from lrp_onnx.api import LRP
-    from lrp_onnx.rules.composites import EpsilonPlusFlat
+    from lrp_onnx.rules.presets import EpsilonPlusFlat
 
     rng = np.random.default_rng(seed)
     base = bases[int(rng.integers(len(bases)))]
