@@ -1,15 +1,18 @@
-"""Benchmark compiled LRP against the ORT forward pass and Zennit, side by side in one run.
+"""Benchmark compiled LRP against the ORT forward pass and Zennit/LXT, side by side in one run.
 
-    python scripts/bench.py [--models vgg16,resnet50] [--batches 1,8] [--devices cpu,cuda]
-                            [--composites zero,epsilon_plus_flat] [--threads 2] [--repeat 10]
-                            [--rounds 3] [--json out.json] [--smoke]
+    python scripts/bench.py [--models vgg16,resnet50,vit_b_16] [--batches 1,8]
+                            [--devices cpu,cuda] [--composites zero,epsilon_plus_flat]
+                            [--threads 2] [--repeat 10] [--rounds 3] [--json out.json] [--smoke]
 
 For every model x device x batch x composite it reports ORT forward ms (the original model),
-compiled LRP ms (one call: forward + relevance), their ratio, Zennit ms for EpsilonPlusFlat
-(registration done once, outside the timed loop; one forward and one backward per call, the
-target taken from that forward's output), the Zennit / compiled speed-up, the compile time and
-the compiler's peak RSS (measured in a child process) next to the model's size. CUDA timings bind
-inputs and outputs on the device (IO binding), so neither side pays host copies.
+compiled LRP ms (one call: forward + relevance), their ratio, the reference implementation's ms
+(CNNs: Zennit's EpsilonPlusFlat; ViTs: LXT 2.1's CP-LRP map and its AttnLRP attention for the
+``cplrp``/``attnlrp`` composites; registration done once, outside the timed loop; one forward
+and one backward per call, the target taken from that forward's output), the reference /
+compiled speed-up, the compile time and the compiler's peak RSS (measured in a child process)
+next to the model's size. CUDA timings bind inputs and outputs on the device (IO binding), so
+neither side pays host copies. ``vit_b_16`` is torchvision's ViT-B/16 with every parameter
+random (torchvision zero-initialises the head), exported by the legacy exporter at opset 17.
 
 Timing runs in ``--rounds`` rounds of adjacent blocks (forward, each compiled model, Zennit;
 each block the median of ``--repeat`` runs after 2 warm-up runs): ratios are taken within a
@@ -42,8 +45,15 @@ MODELS = {  # name: (torchvision builder or None, input shape, zennit canonizer)
     "vgg16": ("vgg16", (3, 224, 224), "VGGCanonizer"),
     "resnet18": ("resnet18", (3, 224, 224), "ResNetCanonizer"),
     "resnet50": ("resnet50", (3, 224, 224), "ResNetCanonizer"),
+    "vit_b_16": ("vit_b_16", (3, 224, 224), None),
+    "vit_tiny": ("vit_tiny", (3, 224, 224), None),  # 2 layers, width 192 (the tests' ViT)
 }
 COMPOSITES = ("zero", "epsilon_plus_flat")
+VIT_COMPOSITES = ("cplrp", "attnlrp")
+
+
+def is_vit(name: str) -> bool:
+    return name.startswith("vit")
 
 
 def torch_model(name: str) -> Any:
@@ -54,6 +64,13 @@ def torch_model(name: str) -> Any:
         from lrp_onnx.testing.oracle import seed_vgg
 
         return seed_vgg(0)
+    if is_vit(name):  # every parameter random
+        from lrp_onnx.testing.transformers import tiny_vit
+
+        if name == "vit_tiny":
+            return tiny_vit(0)
+        return tiny_vit(0, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072,
+                        num_classes=1000)  # ViT-B/16's shape
     import torchvision
 
     return getattr(torchvision.models, MODELS[name][0])(weights=None).eval()
@@ -67,7 +84,13 @@ def export_model(name: str, folder: Path) -> Path:
     if name == "seed":
         return ROOT / "models" / "seed_vgg.onnx"
     path = folder / f"{name}.onnx"
-    if not path.exists():
+    if path.exists():
+        return path
+    if is_vit(name):
+        from lrp_onnx.testing.transformers import export_vit
+
+        export_vit(torch_model(name), path, exporter="legacy", opset=17)
+    else:
         export(torch_model(name), path, torch.zeros(1, *MODELS[name][1]))
     return path
 
@@ -77,7 +100,8 @@ def _compile_child(src: str, dest: str, composite: str, queue: Any) -> None:
 
     base = _status_mb("VmRSS")
     t0 = time.perf_counter()
-    comp = None if composite == "zero" else L.EpsilonPlusFlat()
+    comp = {"zero": None, "epsilon_plus_flat": L.EpsilonPlusFlat(), "cplrp": L.CPLRP(),
+            "attnlrp": L.AttnLRP()}[composite]
     analyzer = L.LRP(src, comp)
     seconds = time.perf_counter() - t0
     analyzer.save(dest)
@@ -170,6 +194,46 @@ def zennit_runner(name: str, x: np.ndarray, device: str) -> Any:
     return run
 
 
+def lxt_runner(name: str, x: np.ndarray, device: str, mode: str) -> Any:
+    """LXT 2.1 on the same ViT: its torchvision map (CP-LRP), or with the AttnLRP attention
+    (``lrp_onnx.testing.transformers``). LXT patches classes process-wide: every model is
+    exported before the first call, and each run sets the attention forward of its mode."""
+    import torch
+    import torchvision
+    from lxt.efficient import monkey_patch
+
+    from lrp_onnx.testing.transformers import _attnlrp_mha_forward
+
+    mha = torch.nn.MultiheadAttention
+    if not hasattr(mha, "_lrp_onnx_cp_forward"):
+        monkey_patch(torchvision.models.vision_transformer)
+        mha._lrp_onnx_cp_forward = mha.forward  # type: ignore[attr-defined]
+    forward = _attnlrp_mha_forward if mode == "attnlrp" else mha._lrp_onnx_cp_forward
+    model = torch_model(name).to(device)
+    xt = torch.from_numpy(x).to(device)
+
+    def run() -> None:
+        mha.forward = forward  # type: ignore[method-assign]
+        inp = xt.clone().requires_grad_()
+        out = model(inp)
+        out[torch.arange(len(out)), out.argmax(1)].sum().backward()
+        (inp * inp.grad).detach()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return run
+
+
+def reference_runners(name: str, x: np.ndarray, device: str,
+                      composites: list[str]) -> dict[str, Any]:
+    """The reference implementation per composite it is compared with."""
+    if is_vit(name):
+        return {c: lxt_runner(name, x, device, c) for c in composites if c in VIT_COMPOSITES}
+    if "epsilon_plus_flat" in composites:
+        return {"epsilon_plus_flat": zennit_runner(name, x, device)}
+    return {}
+
+
 def machine() -> dict[str, Any]:
     import onnxruntime as ort
 
@@ -183,12 +247,13 @@ def machine() -> dict[str, Any]:
             info["gpu"] = torch.cuda.get_device_name(0)
     except ImportError:
         pass
-    try:  # zennit has no __version__: ask the installed distribution
-        from importlib.metadata import PackageNotFoundError, version
+    from importlib.metadata import PackageNotFoundError, version
 
-        info["zennit"] = version("zennit")
-    except PackageNotFoundError:
-        pass
+    for dist in ("zennit", "lxt", "transformers"):  # no __version__: ask the distribution
+        try:
+            info[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
     return info
 
 
@@ -197,12 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="vgg16,resnet50")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--devices", default="cpu")
-    parser.add_argument("--composites", default=",".join(COMPOSITES))
+    parser.add_argument("--composites", default=None,
+                        help=f"default: {','.join(COMPOSITES)}; ViTs: {','.join(VIT_COMPOSITES)}")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=10, help="timed runs per block")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of adjacent forward / compiled / Zennit blocks")
-    parser.add_argument("--no-zennit", action="store_true")
+    parser.add_argument("--no-zennit", "--no-reference", action="store_true",
+                        help="time no Zennit/LXT reference")
     parser.add_argument("--json", default=None)
     parser.add_argument("--smoke", action="store_true", help="seed model, batch 1, 2 repeats")
     args = parser.parse_args(argv)
@@ -218,17 +285,24 @@ def main(argv: list[str] | None = None) -> int:
           "rounds of the ratio within a round)")
     rows: list[dict[str, Any]] = []
     header = (f"{'model':<9} {'dev':<4} {'N':>3} {'composite':<18} {'fwd ms':>8} {'lrp ms':>8} "
-              f"{'ratio':>6} {'zennit ms':>9} {'speedup':>7} {'compile s':>9} {'RSS/size':>8}")
+              f"{'ratio':>6} {'ref ms':>9} {'speedup':>7} {'compile s':>9} {'RSS/size':>8}")
     print(header)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
+        # Export and compile every model first: LXT's patches (ViT references) are process-wide
+        # and would change what torch exports.
+        prepared = []
         for name in args.models.split(","):
             src = export_model(name, folder)
-            size_mb = src.stat().st_size / 2**20
+            comps = (args.composites or ",".join(VIT_COMPOSITES if is_vit(name)
+                                                 else COMPOSITES)).split(",")
             compiled: dict[str, tuple[Path, dict[str, float]]] = {}
-            for comp in args.composites.split(","):
+            for comp in comps:
                 dest = folder / f"{name}.{comp}.lrp.onnx"
                 compiled[comp] = (dest, compile_measured(src, dest, comp))
+            prepared.append((name, src, compiled))
+        for name, src, compiled in prepared:
+            size_mb = src.stat().st_size / 2**20
             for device in args.devices.split(","):
                 fwd_sess = session(src, device, args.threads)
                 lrp_sess = {c: session(p, device, args.threads) for c, (p, _) in compiled.items()}
@@ -237,36 +311,43 @@ def main(argv: list[str] | None = None) -> int:
                         (n, *MODELS[name][1])).astype(np.float32)
                     fwd_run = ort_runner(fwd_sess, x, device, False)
                     lrp_run = {c: ort_runner(s, x, device, True) for c, s in lrp_sess.items()}
-                    zen_run = None if args.no_zennit else zennit_runner(name, x, device)
-                    # Rounds of adjacent blocks: forward, then each compiled model, then Zennit.
+                    ref_run = {} if args.no_zennit else reference_runners(name, x, device,
+                                                                          list(compiled))
+                    # Rounds of adjacent blocks: forward, each compiled model, each reference.
                     # A ratio is taken within a round (the shared machine's speed drifts between
                     # rounds by up to 20%), then the median over rounds is reported.
                     fwds: list[float] = []
                     lrps: dict[str, list[float]] = {c: [] for c in compiled}
-                    zens: list[float] = []
+                    refs: dict[str, list[float]] = {c: [] for c in ref_run}
                     for _ in range(args.rounds):
                         fwds.append(timed(fwd_run, args.repeat))
                         for comp in compiled:
                             lrps[comp].append(timed(lrp_run[comp], args.repeat))
-                        if zen_run is not None:
-                            zens.append(timed(zen_run, max(3, args.repeat // 2)))
+                        for comp, run in ref_run.items():
+                            refs[comp].append(timed(run, max(3, args.repeat // 2)))
                     fwd = statistics.median(fwds)
-                    zen = statistics.median(zens) if zens else None
                     for comp, (_, cinfo) in compiled.items():
                         lrp = statistics.median(lrps[comp])
                         ratio = statistics.median(t / f for t, f in zip(lrps[comp], fwds))
+                        # a CNN has one reference (Zennit's EpsilonPlusFlat): every composite
+                        # is compared with it; a ViT composite with LXT's own mode
+                        zens = refs.get(comp) or (next(iter(refs.values())) if len(refs) == 1
+                                                  and not is_vit(name) else [])
+                        zen = statistics.median(zens) if zens else None
                         speedup = statistics.median(z / t for z, t in zip(zens, lrps[comp])) \
                             if zens else None
                         row = {"model": name, "device": device, "batch": n, "composite": comp,
                                "forward_ms": fwd, "lrp_ms": lrp, "ratio": ratio,
-                               "zennit_epsilon_plus_flat_ms": zen, "zennit_speedup": speedup,
+                               "reference": ("lxt" if is_vit(name) else
+                                             "zennit_epsilon_plus_flat") if zens else None,
+                               "reference_ms": zen, "reference_speedup": speedup,
                                "rounds": {"forward_ms": fwds, "lrp_ms": lrps[comp],
-                                          "zennit_ms": zens},
+                                          "reference_ms": zens},
                                "compile_s": cinfo["compile_s"],
                                "peak_rss_mb": cinfo["peak_rss_mb"], "model_mb": size_mb}
                         rows.append(row)
                         zs = f"{zen:9.1f}" if zen else f"{'-':>9}"
-                        sp = f"{speedup:7.1f}" if speedup and comp != "zero" else f"{'-':>7}"
+                        sp = f"{speedup:7.1f}" if speedup and comp in refs else f"{'-':>7}"
                         print(f"{name:<9} {device:<4} {n:>3} {comp:<18} {fwd:8.2f} {lrp:8.2f} "
                               f"{ratio:6.2f} {zs} {sp} {cinfo['compile_s']:9.2f} "
                               f"{cinfo['peak_rss_mb'] / size_mb:8.2f}", flush=True)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -27,11 +29,25 @@ def test_bench_smoke_writes_every_column(tmp_path: Path) -> None:
     assert [(r["model"], r["composite"]) for r in rows] == [
         ("seed", "zero"), ("seed", "epsilon_plus_flat")]
     for row in rows:
-        for key in ("forward_ms", "lrp_ms", "ratio", "zennit_epsilon_plus_flat_ms",
-                    "zennit_speedup", "compile_s", "peak_rss_mb", "model_mb"):
+        for key in ("forward_ms", "lrp_ms", "ratio", "reference_ms", "reference_speedup",
+                    "compile_s", "peak_rss_mb", "model_mb"):
             assert row[key] > 0, key
+        assert row["reference"] == "zennit_epsilon_plus_flat"
         assert len(row["rounds"]["lrp_ms"]) == data["args"]["rounds"]
     assert "seed      cpu    1 epsilon_plus_flat" in text
+
+
+def test_bench_times_a_vit_against_lxt(tmp_path: Path) -> None:
+    """The ViT rows: CPLRP and AttnLRP, each against LXT's own mode."""
+    pytest.importorskip("lxt")
+    out = tmp_path / "bench.json"
+    _run("scripts/bench.py", "--models", "vit_tiny", "--batches", "1", "--repeat", "2",
+         "--rounds", "1", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["composite"] for r in rows] == ["cplrp", "attnlrp"]
+    for row in rows:
+        assert row["reference"] == "lxt" and row["reference_speedup"] > 0
+        assert row["ratio"] > 0 and row["compile_s"] > 0
 
 
 def test_profile_reports_the_convolution_floor(tmp_path: Path) -> None:

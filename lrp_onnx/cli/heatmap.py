@@ -79,8 +79,19 @@ def colorize(values: np.ndarray) -> np.ndarray:
     return np.stack([red, fade, blue], axis=-1)
 
 
-def heatmap(relevance: np.ndarray, *, reduce: str = "sum", percentile: float = 99.5
-            ) -> np.ndarray:
+def patch_sums(values: np.ndarray, patch: int) -> np.ndarray:
+    """Each ``patch x patch`` block of ``(H, W)`` replaced by its sum (a ViT's relevance per
+    patch token, drawn at full resolution); a partial block at the border is summed as well."""
+    h, w = values.shape
+    ph, pw = -(-h // patch), -(-w // patch)
+    padded = np.zeros((ph * patch, pw * patch))
+    padded[:h, :w] = values
+    sums = padded.reshape(ph, patch, pw, patch).sum(axis=(1, 3))
+    return np.asarray(np.kron(sums, np.ones((patch, patch)))[:h, :w])
+
+
+def heatmap(relevance: np.ndarray, *, reduce: str = "sum", percentile: float = 99.5,
+            patch: int | None = None) -> np.ndarray:
     """Colour one sample's relevance map: uint8 RGB ``(H, W, 3)``, white at zero.
 
     Channels are reduced first (:func:`reduce_channels`). The map is scaled by the
@@ -93,6 +104,8 @@ def heatmap(relevance: np.ndarray, *, reduce: str = "sum", percentile: float = 9
         relevance: ``(C, H, W)`` or ``(H, W)``, e.g. ``explanation.relevance[i]``.
         reduce: ``"sum"`` (default), ``"abs"`` or ``"norm"``; see :func:`reduce_channels`.
         percentile: in ``(0, 100]``; ``100`` scales by the largest ``|R|`` (no clipping).
+        patch: sum the reduced map over ``patch x patch`` blocks first (a ViT's patch size:
+            one colour per patch token, :func:`patch_sums`).
 
     Raises:
         ValueError: NaN or infinite relevance, a bad shape, ``reduce`` or ``percentile``.
@@ -100,6 +113,10 @@ def heatmap(relevance: np.ndarray, *, reduce: str = "sum", percentile: float = 9
     if not 0.0 < float(percentile) <= 100.0:
         raise ValueError(f"percentile={percentile}: expected a value in (0, 100]")
     r = reduce_channels(relevance, reduce)
+    if patch is not None:
+        if int(patch) < 1:
+            raise ValueError(f"patch={patch}: expected a positive patch size")
+        r = patch_sums(r, int(patch))
     mag = np.abs(r)
     scale = float(np.percentile(mag, percentile)) if mag.size else 0.0
     if scale <= 0.0:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from lrp_onnx.cli.outputs import PROGRESS_MIN_SAMPLES, Progress, check_out_dir, save_npy
+from lrp_onnx.cli.outputs import (
+    PROGRESS_MIN_SAMPLES,
+    Progress,
+    check_model_destination,
+    check_out_dir,
+    save_npy,
+)
 from lrp_onnx.errors import LRPError
 from lrp_onnx.runtime import ort_errors
 
@@ -60,13 +65,6 @@ def _how(args: argparse.Namespace) -> str:
     return args.composite or (f"rules from {args.rules}" if args.rules else "ZeroRule everywhere")
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return b.exists() and (os.path.samefile(a, b) if a.exists() else a.resolve() == b.resolve())
-    except OSError:
-        return False
-
-
 def _require_cuda(device: str, provider: str) -> None:
     """``--device cuda`` forces the CUDA EP: refuse where ONNX Runtime fell back to the CPU."""
     import onnxruntime as ort
@@ -95,14 +93,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from lrp_onnx.frontend.load import default_opset
 
     src, dest = Path(args.input), Path(args.output)
-    if _same_file(src, dest):
-        raise CLIError(f"{dest}: refusing to overwrite the input model; choose another OUT")
-    if dest.is_dir():
-        raise CLIError(f"{dest}: is a folder; give the file name to write")
-    if not dest.parent.exists():
-        raise CLIError(f"{dest}: folder {dest.parent} does not exist")
-    if not os.access(dest.parent, os.W_OK | os.X_OK):
-        raise CLIError(f"{dest}: folder {dest.parent} is not writable")
+    check_model_destination(src, dest)
     if args.logit_seed and args.output_relevance:
         raise CLIError("--logit-seed is about the one-hot target seed; --output-relevance "
                        "seeds the given values as they are: give one of them")
@@ -172,7 +163,7 @@ def _write_sample(out: Path, sample: Any, rel: np.ndarray, x: np.ndarray,
     pngs: list[tuple[Path, np.ndarray]] = []
     if rel.ndim in (2, 3):  # image-shaped: (C, H, W) or (H, W)
         try:
-            heat = heatmap(rel, reduce=args.reduce, percentile=args.percentile)
+            heat = heatmap(rel, reduce=args.reduce, percentile=args.percentile, patch=args.patch)
             pngs.append((out / f"{sample.stem}.png", heat))
             if args.overlay:
                 blended = overlay(heat, image if image is not None else x, alpha=args.alpha)
@@ -421,6 +412,8 @@ def _explain_parser(sub: Any) -> None:
                    help="how channels become one heatmap value (default: sum)")
     g.add_argument("--percentile", type=_in_range(0.0, 100.0, open_low=True), default=99.5,
                    help="|relevance| percentile that maps to full colour (default: 99.5)")
+    g.add_argument("--patch", type=_positive_int, default=None, metavar="P",
+                   help="sum the heatmap over P x P patches (a ViT's patch size, e.g. 16)")
     g.add_argument("--png-scale", type=_positive_int, default=None, metavar="K",
                    help=f"draw each pixel as a K x K block (default: the smallest K that makes "
                    f"the longer side at least {AUTO_PNG_SIDE} pixels)")

@@ -85,6 +85,26 @@ def check_out_dir(out: Path) -> None:
         raise OutputError(f"{out}: cannot create the output folder: {parent} is not writable")
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return b.exists() and (os.path.samefile(a, b) if a.exists() else a.resolve() == b.resolve())
+    except OSError:
+        return False
+
+
+def check_model_destination(src: Path, dest: Path) -> None:
+    """Refuse a model destination that is the input itself, a folder, or in a missing or
+    read-only folder, before anything is compiled."""
+    if _same_file(src, dest):
+        raise OutputError(f"{dest}: refusing to overwrite the input model; choose another OUT")
+    if dest.is_dir():
+        raise OutputError(f"{dest}: is a folder; give the file name to write")
+    if not dest.parent.exists():
+        raise OutputError(f"{dest}: folder {dest.parent} does not exist")
+    if not os.access(dest.parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{dest}: folder {dest.parent} is not writable")
+
+
 def save_npy(arr: np.ndarray, path: Path) -> None:
     """``np.save`` atomically: a temporary file in the same folder, then a rename."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
