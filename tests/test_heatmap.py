@@ -297,3 +297,23 @@ def test_png_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         save_png(np.zeros((4, 4, 3), np.uint8), tmp_path / "missing" / "a.png")
     assert os.listdir(tmp_path) == []
+
+
+def test_patch_heatmap_is_one_colour_per_patch() -> None:
+    """``patch=P`` sums each P x P block (a ViT's patch token) and draws it at full size; a
+    partial block at the border is summed too; the sum of the map is unchanged."""
+    from lrp_onnx.cli.heatmap import patch_sums
+
+    rng = np.random.default_rng(0)
+    r = rng.standard_normal((3, 10, 12))
+    sums = patch_sums(r.sum(0), 4)
+    assert sums.shape == (10, 12)
+    assert np.isclose(sums[0, 0], r[:, :4, :4].sum())
+    assert np.isclose(sums[9, 11], r[:, 8:, 8:].sum())
+    assert len(np.unique(sums[:4, :4])) == 1 and len(np.unique(sums[8:, 8:])) == 1
+    per_block = [r.sum(0)[i:i + 4, j:j + 4].sum() for i in range(0, 10, 4) for j in range(0, 12, 4)]
+    assert np.isclose(sum(per_block), r.sum())
+    rgb = heatmap(r, patch=4)
+    assert rgb.shape == (10, 12, 3) and len(np.unique(rgb[4:8, 4:8].reshape(-1, 3), axis=0)) == 1
+    with pytest.raises(ValueError, match="patch"):
+        heatmap(r, patch=0)

@@ -124,7 +124,8 @@ def _add_output(graph: Graph, value: gs.Tensor, name: str, like: gs.Tensor) -> N
     if name in graph.tensors:
         raise UnsupportedModel(f"{graph.label}: the model already has a value named '{name}', "
                                "which the per-layer outputs need")
-    out = gs.Variable(name, dtype=like.dtype, shape=list(like.shape) if like.shape else None)
+    # the shape ONNX inference or the run-time shape facts give (a graph output needs one)
+    out = gs.Variable(name, dtype=like.dtype, shape=list(graph.shape(like)))
     graph.gs.nodes.append(gs.Node("Identity", name=f"lrp/{name}", inputs=[value], outputs=[out]))
     graph.gs.outputs.append(out)
 
