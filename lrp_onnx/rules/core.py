@@ -171,10 +171,11 @@ class ZeroRule(LinearRule):
 class EpsilonRule(LinearRule):
     """LRP-ε: ``R_j = sum_i x_j w_ij R_i / (z_i + eps * sign(z_i))``, default ``epsilon=1e-6``.
 
-    ``epsilon=0`` is the limit ε → 0 (LXT's and AttnLRP's linear rule): where the relevance
-    arrives as ``z * g`` (every ε-rule, the LayerNorm, softmax and uniform rules send it so) the
-    quotient is ``g`` itself, with no division (the gradient form); elsewhere ``R / z`` with
-    ``R / 0`` taken as ``R`` (zero, as the relevance at a zero value is for these rules).
+    ``epsilon=0`` is LXT's and AttnLRP's linear rule (ε → 0): where the relevance arrives as
+    ``z * g`` (every ε-rule, the LayerNorm, softmax and uniform rules send it so) the quotient
+    is ``g`` itself, with no division (the gradient form: gradient × input, as LXT computes it,
+    so at an exact ``z = 0`` the unit passes ``g`` on); elsewhere ``R / z`` with ``R / 0``
+    taken as ``R`` (zero, as the relevance at a zero value is for these rules).
     """
 
     epsilon: float = 1e-6

@@ -32,8 +32,13 @@ from typing import Any, Literal
 import numpy as np
 
 Exporter = Literal["legacy", "dynamo"]
-Mode = Literal["cp", "attnlrp"]
+Mode = Literal["cp", "attnlrp", "cp_gamma"]
+#: The modes :func:`lxt_relevances` runs by default.
 MODES: tuple[Mode, ...] = ("cp", "attnlrp")
+#: Every mode: ``cp_gamma`` is LXT's Gamma variant for ViTs (CP-LRP plus zennit's Gamma on
+#: Conv2d and Linear modules, in gradient x input form through ``monkey_patch_zennit``).
+ALL_MODES: tuple[Mode, ...] = ("cp", "attnlrp", "cp_gamma")
+GAMMA_CONV, GAMMA_DENSE = 0.25, 0.05
 
 # -- the model ------------------------------------------------------------------------------------
 def tiny_vit(seed: int = 0, num_layers: int = 2, num_heads: int = 3, hidden_dim: int = 192,
@@ -253,8 +258,9 @@ def lxt_relevance(model: Any, x: np.ndarray, target: np.ndarray, mode: Mode = "c
         model: a ``VisionTransformer``, or the path of a file written by :func:`save_vit`.
         x: float32 images ``[N, 3, H, W]``.
         target: class per sample, ``[N]`` integers.
-        mode: ``"cp"`` (LXT's default torchvision map, CP-LRP) or ``"attnlrp"`` (that map
-            plus the AttnLRP MultiheadAttention forward).
+        mode: ``"cp"`` (LXT's default torchvision map, CP-LRP), ``"attnlrp"`` (that map
+            plus the AttnLRP MultiheadAttention forward) or ``"cp_gamma"`` (CP-LRP with
+            zennit's Gamma on convolutions and linears, :data:`GAMMA_CONV`, :data:`GAMMA_DENSE`).
         timeout: seconds before the child process is killed.
 
     Returns:
@@ -267,9 +273,9 @@ def lxt_relevances(model: Any, x: np.ndarray, target: np.ndarray,
                    modes: Sequence[Mode] = MODES, *, timeout: float = 900) -> dict[str, np.ndarray]:
     """:func:`lxt_relevance` for several modes in one child process (LXT's import costs
     seconds; ``"cp"`` runs before ``"attnlrp"``, which patches on top of it)."""
-    unknown = set(modes) - set(MODES)
+    unknown = set(modes) - set(ALL_MODES)
     if unknown or not modes:
-        raise ValueError(f"modes must be among {MODES}, got {list(modes)}")
+        raise ValueError(f"modes must be among {ALL_MODES}, got {list(modes)}")
     x = np.asarray(x, np.float32)
     target = np.asarray(target, np.int64).reshape(-1)
     if x.ndim != 4 or target.shape != (x.shape[0],):
@@ -284,7 +290,7 @@ def lxt_relevances(model: Any, x: np.ndarray, target: np.ndarray,
         else:
             model_path = save_vit(model, work / "model.pt")
         np.savez(work / "inputs.npz", x=x, target=target)
-        ordered = [m for m in MODES if m in modes]
+        ordered = [m for m in ALL_MODES if m in modes]
         (work / "job.json").write_text(json.dumps({"model": str(model_path), "modes": ordered}))
         proc = subprocess.run([sys.executable, "-m", __name__, str(work)], cwd=tmp, env=env,
                               capture_output=True, text=True, timeout=timeout)
@@ -344,11 +350,23 @@ def _child(work: Path) -> None:
     with torch.no_grad():
         plain = model(x).numpy()
     monkey_patch(torchvision.models.vision_transformer)
+    cp_forward = torch.nn.MultiheadAttention.forward
     out: dict[str, Any] = {}
     for mode in job["modes"]:
-        if mode == "attnlrp":
-            torch.nn.MultiheadAttention.forward = _attnlrp_mha_forward  # type: ignore[method-assign]
-        out[mode], logits = _relevance(model, x, target)
+        mha = _attnlrp_mha_forward if mode == "attnlrp" else cp_forward
+        torch.nn.MultiheadAttention.forward = mha  # type: ignore[method-assign]
+        if mode == "cp_gamma":  # LXT's Gamma variant: zennit rules in gradient x input form
+            import zennit.rules as zr
+            from lxt.efficient import monkey_patch_zennit
+            from zennit.composites import LayerMapComposite
+
+            monkey_patch_zennit()
+            gamma = LayerMapComposite([(torch.nn.Conv2d, zr.Gamma(GAMMA_CONV)),
+                                       (torch.nn.Linear, zr.Gamma(GAMMA_DENSE))])
+            with gamma.context(model):
+                out[mode], logits = _relevance(model, x, target)
+        else:
+            out[mode], logits = _relevance(model, x, target)
         err = float(np.max(np.abs(logits - plain)))
         if not err <= 1e-4 * max(1.0, float(np.max(np.abs(plain)))):
             raise RuntimeError(f"LXT {mode}: patched logits differ from torch's by {err:.3g}")
