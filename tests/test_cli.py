@@ -321,6 +321,26 @@ def test_explain_batched_npy(tmp_path: Path, compiled_digits: Path,
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files
 
 
+def test_explain_patch_heatmap(tmp_path: Path, compiled_digits: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    """``--patch 4`` draws one colour per 4 x 4 patch (a ViT's patch tokens); the relevance
+    file is unchanged."""
+    from PIL import Image
+
+    from lrp_onnx.cli.heatmap import heatmap
+
+    out = tmp_path / "out"
+    code, _, stderr = cli(capsys, "explain", compiled_digits, DIGIT_SAMPLES, "--out", out,
+                          "--patch", "4", "--png-scale", "1")
+    assert code == 0 and stderr == ""
+    rel = np.load(out / "digits_samples_0.relevance.npy")[0]
+    png = np.asarray(Image.open(out / "digits_samples_0.png"))
+    np.testing.assert_array_equal(png, heatmap(rel, patch=4))
+    blocks = png.reshape(2, 4, 2, 4, 3).transpose(0, 2, 1, 3, 4).reshape(4, 16, 3)
+    assert all(len(np.unique(b, axis=0)) == 1 for b in blocks)
+    assert not np.array_equal(png, heatmap(rel))
+
+
 def test_explain_images_folder(tmp_path: Path, compiled_seed: Path,
                                capsys: pytest.CaptureFixture[str]) -> None:
     """Images are converted, resized and normalised as documented (Pillow + numpy here)."""

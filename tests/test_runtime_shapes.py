@@ -6,6 +6,8 @@ flatten, as Zennit does); a dim no analysis can fix (a mean over it) is counted 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -285,6 +287,14 @@ def test_legacy_vit_export_has_known_shapes(tmp_path: Path) -> None:
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     rel = LRP(path, CPLRP()).analyze(x).relevance
     assert rel.shape == x.shape and np.isfinite(rel).all()
+    # ORT's symbolic shape inference completes the shapes; importing it the usual way runs
+    # onnxruntime/tools/__init__.py, which imports torch (0.6 GB) wherever torch is installed
+    code = ("import sys, lrp_onnx; from lrp_onnx.frontend import shapes; "
+            f"lrp_onnx.LRP({str(path)!r}, lrp_onnx.CPLRP()); "
+            "assert shapes._LOADED['module'] is not None, 'symbolic inference not used'; "
+            "assert 'torch' not in sys.modules, 'compiling imported torch'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_incomplete_symbolic_inference_writes_no_file(tmp_path: Path,

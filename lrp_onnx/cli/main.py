@@ -126,8 +126,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     def line(layer: Any) -> str:
         idx = str(prep.indices[layer.index])
         text = f"{idx:<{width}}  {layer.summary} => {rules[layer.index]!r}"
-        # the exporter's module path (a transformer's block, attention, mlp, norm)
-        return f"{text}  # {'.'.join(layer.scope)}" if layer.scope else text
+        # the exporter's module path where it names something (a transformer's block,
+        # attention, mlp, norm), not only positions in nn.Sequential
+        named = any(not part.isdigit() for part in layer.scope)
+        return f"{text}  # {'.'.join(layer.scope)}" if named else text
 
     print(f"{prep.label}: {len(prep.layers)} layers")
     if args.flat:

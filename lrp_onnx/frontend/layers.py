@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 from lrp_onnx.emit.registry import Kind, is_kind, spec_of
 from lrp_onnx.frontend.graph import Graph, attr
 from lrp_onnx.frontend.patterns import match_layer_norm
+from lrp_onnx.frontend.patterns import only_into as _only_into
 
 
 @dataclass(eq=False)
@@ -127,15 +128,6 @@ def _const_other(graph: Graph, node: gs.Node, value: gs.Tensor) -> np.ndarray | 
         return None
     other = node.inputs[1] if node.inputs[0] is value else node.inputs[0]
     return graph.const_value(other)
-
-
-def _only_into(graph: Graph, value: gs.Tensor, op: str) -> gs.Node | None:
-    """The single consumer of an internal ``value`` if it is an ``op`` node."""
-    cons = graph.consumers(value)
-    if len(cons) != 1 or cons[0].op != op or graph.is_graph_output(value) or \
-            value.name == graph.logits.name:
-        return None
-    return cons[0]
 
 
 def _silu(graph: Graph, x: gs.Tensor) -> Activation | None:

@@ -49,10 +49,11 @@ def _reduce_axes(graph: Graph, node: gs.Node, rank: int) -> tuple[int, ...] | No
     return tuple(sorted(a % rank for a in axes))
 
 
-def _sole(graph: Graph, t: gs.Tensor, op: str) -> gs.Node | None:
-    cons = graph.consumers(t)
-    if len(cons) != 1 or cons[0].op != op or graph.is_graph_output(t) or \
-            t.name == graph.logits.name:
+def only_into(graph: Graph, value: gs.Tensor, op: str) -> gs.Node | None:
+    """The single consumer of an internal ``value`` if it is an ``op`` node."""
+    cons = graph.consumers(value)
+    if len(cons) != 1 or cons[0].op != op or graph.is_graph_output(value) or \
+            value.name == graph.logits.name:
         return None
     return cons[0]
 
@@ -72,7 +73,7 @@ def match_layer_norm(graph: Graph, mean: gs.Node) -> NormUnit | None:
     axes = _reduce_axes(graph, mean, rank)
     if axes is None or axes != tuple(range(axes[0], rank)):
         return None
-    sub = _sole(graph, mean.outputs[0], "Sub")
+    sub = only_into(graph, mean.outputs[0], "Sub")
     if sub is None or sub.inputs[0] is not x:
         return None
     c = sub.outputs[0]
@@ -83,24 +84,24 @@ def match_layer_norm(graph: Graph, mean: gs.Node) -> NormUnit | None:
     div = next((n for n in cons if n.op == "Div" and n.inputs[0] is c), None)
     if square is None or div is None or len(cons) != 2:
         return None
-    var = _sole(graph, square.outputs[0], "ReduceMean")
+    var = only_into(graph, square.outputs[0], "ReduceMean")
     if var is None or _reduce_axes(graph, var, rank) != axes:
         return None
-    add = _sole(graph, var.outputs[0], "Add")
+    add = only_into(graph, var.outputs[0], "Add")
     eps = _other(add, var.outputs[0]) if add is not None else None
     if add is None or eps is None or graph.const_value(eps) is None:
         return None
-    sqrt = _sole(graph, add.outputs[0], "Sqrt")
+    sqrt = only_into(graph, add.outputs[0], "Sqrt")
     if sqrt is None or div.inputs[1] is not sqrt.outputs[0]:
         return None
     nodes = [mean, sub, square, var, add, sqrt, div]
     out, gamma = div.outputs[0], None
-    scale = _sole(graph, out, "Mul")
+    scale = only_into(graph, out, "Mul")
     if scale is not None and graph.const_value(_other(scale, out) or out) is not None:
         gamma = _other(scale, out)
         nodes.append(scale)
         out = scale.outputs[0]
-    shift = _sole(graph, out, "Add")
+    shift = only_into(graph, out, "Add")
     if shift is not None and graph.const_value(_other(shift, out) or out) is not None:
         nodes.append(shift)
         out = shift.outputs[0]
