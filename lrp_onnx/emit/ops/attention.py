@@ -66,8 +66,14 @@ def _swap_last(b: Builder, t: gs.Tensor, rank: int, tag: str) -> gs.Tensor:
 
 
 def _is_gate(graph: Graph, t: gs.Tensor) -> bool:
+    """Whether ``t`` is made by a gate op (a Softmax), seen through Casts and Identities (the
+    legacy exporter writes ``Softmax -> Cast -> MatMul``)."""
     producer = graph.producer(t)
     spec = spec_of(str(producer.op)) if producer is not None else None
+    while producer is not None and spec is not None and spec.kind is Kind.IDENTITY and \
+            graph.data_inputs(producer):
+        producer = graph.producer(graph.data_inputs(producer)[0])
+        spec = spec_of(str(producer.op)) if producer is not None else None
     return spec is not None and spec.gate
 
 

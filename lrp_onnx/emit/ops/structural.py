@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from lrp_onnx.emit.builder import Builder
@@ -218,3 +219,50 @@ def gather(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Te
     moved = b.op("Transpose", r, tag="R/last", perm=perm)
     spread = b.op("MatMul", moved, b.const(onehot, "onehot"), tag="R/spread")
     return [b.op("Transpose", spread, tag="R", perm=back)]
+
+
+def _float(dtype: Any) -> bool:
+    return dtype is not None and np.issubdtype(np.dtype(dtype), np.floating)
+
+
+@emitter("Cast", kind=Kind.IDENTITY, rules=ROUTING_RULES, sign=Sign.PRESERVES,
+         support=Support.ROUTING, routes=True, summary=lambda graph, layer: "cast")
+def cast(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
+    """A float-to-float ``Cast``: ``R = Cast(R', the input's type)`` (a float input cast to an
+    integer or boolean type carries no relevance on and is refused)."""
+    node, g = layer.primary, b.graph
+    x, y = layer.inputs[0], node.outputs[0]
+    if not (_float(x.dtype) and _float(y.dtype)):
+        raise UnsupportedAttribute(f"node {node_label(node.name, node.op, g.opset)}: a Cast of "
+                                   f"an activation from {x.dtype} to {y.dtype} (only between "
+                                   "floating-point types)")
+    if np.dtype(x.dtype) == np.dtype(y.dtype):
+        return [r_out]
+    return [b.op("Cast", r_out, tag="R", to=int(onnx.helper.np_dtype_to_tensor_dtype(
+        np.dtype(x.dtype))))]
+
+
+@emitter("Where", kind=Kind.RESHAPING, rules=ROUTING_RULES, sign=Sign.PRESERVES,
+         sign_condition=Graph.constant_operands_nonneg, support=Support.ROUTING, routes=True,
+         groups=("ReshapingLayer",), summary=lambda graph, layer: "Where()")
+def where(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
+    """``Where(c, a, d)`` with a condition that does not depend on the data (a mask): each
+    data branch gets the relevance of the positions it was chosen at, a constant branch
+    absorbs its share."""
+    from lrp_onnx.emit.ops.merge import unbroadcast
+
+    node, g = layer.primary, b.graph
+    cond = node.inputs[0]
+    if cond.name in g.data:
+        raise UnsupportedAttribute(f"node {node_label(node.name, node.op, g.opset)}: a Where "
+                                   "whose condition depends on the explained input")
+    out_shape = g.shape(node.outputs[0], node)
+    zero = b.scalar(0.0)
+    result: list[gs.Tensor | None] = []
+    for i, branch in ((1, node.inputs[1]), (2, node.inputs[2])):
+        if branch.name not in g.data:
+            continue
+        picked = b.op("Where", cond, r_out, zero, tag=f"R{i}") if i == 1 else \
+            b.op("Where", cond, zero, r_out, tag=f"R{i}")
+        result.append(unbroadcast(b, picked, branch, out_shape, tag=f"R{i}"))
+    return result
