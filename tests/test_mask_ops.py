@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from onnx import helper
 
+from cuda_kernels import cuda_gaps
 from lrp_onnx import (
     CPLRP,
     LRP,
@@ -104,3 +105,55 @@ def test_softmax_through_a_cast_is_the_gate(rng: np.random.Generator) -> None:
         results.append(lrp.analyze(x).relevance)
     np.testing.assert_allclose(results[1], results[0], rtol=1e-6,
                                atol=1e-7 * np.abs(results[0]).max())
+
+
+def _sequence_model(rng: np.random.Generator, select: str) -> tuple[object, np.ndarray]:
+    """``x [N, T, D]`` (T known only at run time) -> select positions along T -> head; returns
+    the model and the head weight ``[classes, D]``."""
+    from onnx import TensorProto, numpy_helper
+
+    w = rng.standard_normal((3, D)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "W")]
+    if select.startswith("gather"):
+        index = int(select.split(":")[1])
+        inits.append(numpy_helper.from_array(np.array(index, np.int64), "idx"))
+        nodes = [helper.make_node("Gather", ["x", "idx"], ["picked"], name="pick", axis=1)]
+    else:  # slice:start:end, then the mean over T
+        start, end = (int(v) for v in select.split(":")[1:])
+        inits += [numpy_helper.from_array(np.array([v], np.int64), n)
+                  for n, v in (("starts", start), ("ends", end), ("axes", 1))]
+        nodes = [helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["cut"], name="pick"),
+                 helper.make_node("Transpose", ["cut"], ["cutT"], name="cutT", perm=[0, 2, 1]),
+                 helper.make_node("GlobalAveragePool", ["cutT"], ["pooled3"], name="pool"),
+                 helper.make_node("Flatten", ["pooled3"], ["picked"], name="flat")]
+    nodes.append(helper.make_node("Gemm", ["picked", "W"], ["logits"], name="head", transB=1))
+    graph = helper.make_graph(
+        nodes, "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", D])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model, w.astype(np.float64)
+
+
+@pytest.mark.parametrize("select", ["gather:0", "gather:-1", "gather:2", "slice:1:-1",
+                                    "slice:-3:100", "slice:0:2"])
+def test_selecting_along_a_run_time_axis(rng: np.random.Generator, select: str) -> None:
+    """BERT's [CLS] (``Gather 0``), a language model's last position (``Gather -1``) and Slices
+    along a sequence axis whose length is known only at run time: the selected positions get
+    their relevance back, the others none, at every length (ε = 0: ``R_x = x W[t] / count``)."""
+    model, w = _sequence_model(rng, select)
+    lrp = LRP(model, Composite(GlobalMap(EpsilonRule(epsilon=0.0))),
+              normalize_output_relevance=False)
+    assert cuda_gaps(lrp.model) == []  # the run-time pads included
+    for t in (4, 7):
+        x = rng.standard_normal((2, t, D)).astype(np.float32)
+        expl = lrp.analyze(x)
+        kept = np.zeros(t, bool)
+        op, *bounds = select.split(":")
+        if op == "gather":
+            kept[int(bounds[0])] = True
+        else:
+            kept[slice(int(bounds[0]), int(bounds[1]))] = True
+        want = kept[None, :, None] * x * w[expl.target][:, None, :] / kept.sum()
+        np.testing.assert_allclose(expl.relevance, want, rtol=1e-5,
+                                   atol=1e-6 * np.abs(want).max())

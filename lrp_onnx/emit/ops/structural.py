@@ -151,17 +151,40 @@ def slice_(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Te
     if any(s != 1 for s in steps):
         raise UnsupportedAttribute(f"node {node_label(node.name, node.op, g.opset)}: steps "
                                    f"{steps} (only 1 is supported)")
-    before, after = [0] * rank, [0] * rank
-    for start, stop, axis in zip(starts, stops, axes):
-        axis %= rank
+    bounds = {axis % rank: (start, stop) for start, stop, axis in zip(starts, stops, axes)}
+    return [b.op("Pad", r_out, _pads(b, x, node, bounds), tag="R", mode="constant")]
+
+
+def _pads(b: Builder, x: gs.Tensor, node: gs.Node,
+          bounds: dict[int, tuple[int, int]]) -> gs.Tensor:
+    """The ``Pad`` pads that put back ``x[lo:hi]`` (ONNX Slice bounds: negative counts from the
+    end, clamped to the axis) per axis of ``bounds``; computed at run time from ``Shape(x)``
+    for an axis whose size is known only then."""
+    shape = b.graph.shape(x, node)
+    rank = len(shape)
+    before: list[Any] = [0] * rank
+    after: list[Any] = [0] * rank
+    for axis, (start, stop) in bounds.items():
         size = shape[axis]
-        if size is None:
-            raise UnsupportedAttribute(f"node {node_label(node.name, node.op, g.opset)}: "
-                                       "slicing a dynamic axis")
-        lo = min(max(start + size if start < 0 else start, 0), size)
-        hi = min(max(stop + size if stop < 0 else stop, 0), size)
-        before[axis], after[axis] = lo, size - max(hi, lo)
-    return [b.op("Pad", r_out, b.ints(before + after), tag="R", mode="constant")]
+        if size is not None:
+            lo = min(max(start + size if start < 0 else start, 0), size)
+            hi = min(max(stop + size if stop < 0 else stop, 0), size)
+            before[axis], after[axis] = lo, size - max(hi, lo)
+            continue
+        n = b.op("Slice", b.op("Shape", x, tag=f"n{axis}/shape"), b.ints([axis]),
+                 b.ints([axis + 1]), tag=f"n{axis}")
+
+        def clamp(v: int, tag: str, n: gs.Tensor = n) -> gs.Tensor:
+            at = b.op("Add", n, b.ints([v]), tag=f"{tag}/from_end") if v < 0 else b.ints([v])
+            return b.op("Min", b.op("Max", at, b.ints([0]), tag=f"{tag}/max"), n, tag=tag)
+
+        lo_t = clamp(start, f"lo{axis}")
+        hi_t = b.op("Max", clamp(stop, f"hi{axis}"), lo_t, tag=f"hi{axis}/ordered")
+        before[axis], after[axis] = lo_t, b.op("Sub", n, hi_t, tag=f"after{axis}")
+    if all(isinstance(v, int) for v in before + after):
+        return b.ints(before + after)
+    parts = [b.ints([v]) if isinstance(v, int) else v for v in before + after]
+    return b.op("Concat", *parts, tag="pads", axis=0)
 
 
 @emitter("Split", multi_output=True, **_MOVES)
@@ -201,16 +224,24 @@ def gather(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Te
     rank = len(shape)
     axis = int(attr(node, "axis", g.opset, 0)) % rank
     n = shape[axis]
-    if n is None or idx.ndim > 1:
-        raise UnsupportedAttribute(f"node {label}: Gather along an axis of run-time size or "
-                                   "with indices of rank > 1")
-    flat = [int(i) % n for i in idx.ravel()]
+    if idx.ndim > 1:
+        raise UnsupportedAttribute(f"node {label}: Gather with indices of rank > 1")
+    raw = [int(i) for i in idx.ravel()]
     r = r_out if idx.ndim == 1 else b.op("Unsqueeze", r_out, b.ints([axis]), tag="R/unsqueeze")
+    if n is None:  # one index or a run of them, all counted from the same end ([CLS], [-1])
+        first = raw[0] if raw else 0
+        if raw and raw == list(range(first, first + len(raw))) and \
+                (first >= 0 or first + len(raw) <= 0):
+            stop = first + len(raw) if first >= 0 or first + len(raw) < 0 else 2**62
+            pads = _pads(b, x, node, {axis: (first, stop)})
+            return [b.op("Pad", r, pads, tag="R", mode="constant")]
+        raise UnsupportedAttribute(f"node {label}: Gather along an axis of run-time size of "
+                                   "indices other than one run counted from one end")
+    flat = [i % n for i in raw]
     first = flat[0] if flat else 0
     if flat == list(range(first, first + len(flat))):
-        pads = [0] * (2 * rank)
-        pads[axis], pads[rank + axis] = first, n - first - len(flat)
-        return [b.op("Pad", r, b.ints(pads), tag="R", mode="constant")]
+        pads = _pads(b, x, node, {axis: (first, first + len(flat))})
+        return [b.op("Pad", r, pads, tag="R", mode="constant")]
     onehot = np.zeros((len(flat), n))
     for j, i in enumerate(flat):
         onehot[j, i] += 1.0
