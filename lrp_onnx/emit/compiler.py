@@ -29,7 +29,7 @@ from lrp_onnx.emit.optimizations import Optimizations
 from lrp_onnx.emit.registry import OpSpec, resolve_entries
 from lrp_onnx.emit.relevance_support import relu_covers
 from lrp_onnx.errors import UnsupportedModel
-from lrp_onnx.frontend.graph import Graph, _float_dtype
+from lrp_onnx.frontend.graph import Graph, float_dtype
 from lrp_onnx.frontend.layers import Layer
 from lrp_onnx.frontend.load import run_onnx_checker, shape_inference_error, skeleton
 from lrp_onnx.rules.core import Rule
@@ -64,7 +64,7 @@ def _explicit_seed(b: Builder, graph: Graph) -> tuple[gs.Variable, gs.Tensor]:
     """The ``output_relevance`` input (shaped like the explained output, its dtype, dynamic dims
     kept) and the seed it gives at the logits (a stripped Softmax head keeps the shape)."""
     explained, logits = graph.explained, graph.logits
-    if not _float_dtype(explained):
+    if not float_dtype(explained):
         raise UnsupportedModel(f"{graph.label}: the explained output '{explained.name}' is not a "
                                f"float tensor ({explained.dtype}); output_relevance needs one")
     shape, at = graph.shape(explained), graph.shape(logits)

@@ -20,7 +20,8 @@ from lrp_onnx.frontend.load import default_opset, shape_inference_error
 from lrp_onnx.frontend.shapes import resolve
 
 
-def _float_dtype(t: gs.Tensor) -> bool:
+def float_dtype(t: gs.Tensor) -> bool:
+    """Whether ``t`` has a floating-point element type (``False`` for an unknown one)."""
     try:
         return t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.floating)
     except TypeError:  # an ONNX type numpy has no name for (UNDEFINED, STRING, ...)
@@ -138,7 +139,7 @@ class Graph:
     def _choose_input(self, name: str | None) -> gs.Variable:
         """The float graph input to explain: ``name``, or the only float input. Several float
         inputs without ``name`` are refused (a mask must never be explained by accident)."""
-        floats = [t for t in self.gs.inputs if _float_dtype(t)]
+        floats = [t for t in self.gs.inputs if float_dtype(t)]
         #: names of every float graph input (the compiled record names the explained one
         #: where there are several)
         self.float_inputs = [t.name for t in floats]

@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 
 from lrp_onnx.emit.builder import Builder
 from lrp_onnx.emit.denominators import divide
-from lrp_onnx.emit.ops.merge import unbroadcast
+from lrp_onnx.emit.ops.merge import times_input
 from lrp_onnx.emit.registry import Kind, Sign, emitter, spec_of
 from lrp_onnx.errors import RuleNotApplicable, UnsupportedAttribute, UnsupportedOp, node_label
 from lrp_onnx.frontend.graph import Graph, attr
@@ -116,11 +116,7 @@ def bilinear_matmul(b: Builder, layer: Layer, rule: Rule,
             t = b.op("MatMul", s, _swap_last(b, c, ranks[1], "BT"), tag="SBT")
         else:
             t = b.op("MatMul", _swap_last(b, a, ranks[0], "AT"), s, tag="ATS")
-        r = b.op("Mul", x, t, tag=f"R{i}")
         full = out_shape[:rank - 2] + g.shape(x, node)[-2:]  # x broadcast over batch dims
-        if g.shape(x, node) != full:
-            result.append(unbroadcast(b, r, x, full, tag=f"R{i}"))
-        else:
-            result.append(b.factored(r, x, t))
+        result.append(times_input(b, x, t, full, f"R{i}"))
     return [r for r, x in zip(result, node.inputs) if x.name in g.data]
 

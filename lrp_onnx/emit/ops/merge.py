@@ -48,11 +48,7 @@ def add(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tenso
     data = [(j, x) for j, x in enumerate(node.inputs) if x.name in b.graph.data]
     for i, (j, x) in enumerate(data):
         t = b.op("Neg", s, tag=f"R{i}/neg") if node.op == "Sub" and j == 1 else s
-        r = b.op("Mul", x, t, tag=f"R{i}")
-        if b.graph.shape(x, node) == out_shape:
-            result.append(b.factored(r, x, t))
-        else:
-            result.append(unbroadcast(b, r, x, out_shape, tag=f"R{i}"))
+        result.append(times_input(b, x, t, out_shape, f"R{i}"))
     return result
 
 
@@ -110,7 +106,7 @@ def mul(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tenso
         return result
     if isinstance(rule, UniformRule) and len(ins) == 2:
         s = b.op("Mul", divide(b, r_out, y, rule.eps / 2), b.scalar(0.5), tag="S")
-        return [_times_input(b, x, b.op("Mul", s, other, tag=f"g{i}"), out_shape, f"R{i}")
+        return [times_input(b, x, b.op("Mul", s, other, tag=f"g{i}"), out_shape, f"R{i}")
                 for i, (x, other) in enumerate(zip(ins, ins[::-1]))]
     keep = 0 if len(ins) == 1 else 1 - _gate_index(b, layer)
     x = ins[keep]
@@ -122,16 +118,16 @@ def mul(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tenso
     s = divide(b, r_out, y, eps)
     others = [t for t in node.inputs if t is not x]
     if eps == 0.0 and len(others) == 1:  # the gradient form: R_x = x * (g s)
-        result[keep] = _times_input(b, x, b.op("Mul", s, others[0], tag="g"), out_shape, "R")
+        result[keep] = times_input(b, x, b.op("Mul", s, others[0], tag="g"), out_shape, "R")
     else:
         result[keep] = unbroadcast(b, b.op("Mul", y, s, tag="R"), x, out_shape, tag="R")
     return result
 
 
-def _times_input(b: Builder, x: gs.Tensor, t: gs.Tensor, out_shape: list[int | None],
-                 tag: str) -> gs.Tensor:
-    """``x * t`` summed down to the shape of ``x``; recorded as ``x * t`` where no sum is
-    needed."""
+def times_input(b: Builder, x: gs.Tensor, t: gs.Tensor, out_shape: list[int | None],
+                tag: str) -> gs.Tensor:
+    """``x * t`` (``t`` shaped ``out_shape``) summed down to the shape of ``x``; recorded as
+    ``x * t`` (the gradient form) where no sum is needed."""
     r = b.op("Mul", x, t, tag=tag)
     if b.graph.shape(x) == out_shape:
         return b.factored(r, x, t)
@@ -159,4 +155,4 @@ def div(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tenso
     if isinstance(rule, PassRule):
         return [unbroadcast(b, r_out, x, out_shape, tag="R")]
     s = divide(b, r_out, y, rule_eps(rule))
-    return [_times_input(b, x, b.op("Div", s, node.inputs[1], tag="g"), out_shape, "R")]
+    return [times_input(b, x, b.op("Div", s, node.inputs[1], tag="g"), out_shape, "R")]

@@ -11,9 +11,10 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from lrp_onnx.emit.builder import Builder
+from lrp_onnx.emit.ops.merge import unbroadcast
 from lrp_onnx.emit.registry import Kind, Sign, Support, emitter
 from lrp_onnx.errors import UnsupportedAttribute, node_label
-from lrp_onnx.frontend.graph import Graph, attr, ints
+from lrp_onnx.frontend.graph import Graph, attr, float_dtype, ints
 from lrp_onnx.frontend.layers import Layer, fmt_tuple
 from lrp_onnx.rules.core import ROUTING_RULES, Rule
 
@@ -252,10 +253,6 @@ def gather(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Te
     return [b.op("Transpose", spread, tag="R", perm=back)]
 
 
-def _float(dtype: Any) -> bool:
-    return dtype is not None and np.issubdtype(np.dtype(dtype), np.floating)
-
-
 @emitter("Cast", kind=Kind.IDENTITY, rules=ROUTING_RULES, sign=Sign.PRESERVES,
          support=Support.ROUTING, routes=True, summary=lambda graph, layer: "cast")
 def cast(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
@@ -263,7 +260,7 @@ def cast(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tens
     integer or boolean type carries no relevance on and is refused)."""
     node, g = layer.primary, b.graph
     x, y = layer.inputs[0], node.outputs[0]
-    if not (_float(x.dtype) and _float(y.dtype)):
+    if not (float_dtype(x) and float_dtype(y)):
         raise UnsupportedAttribute(f"node {node_label(node.name, node.op, g.opset)}: a Cast of "
                                    f"an activation from {x.dtype} to {y.dtype} (only between "
                                    "floating-point types)")
@@ -280,8 +277,6 @@ def where(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Ten
     """``Where(c, a, d)`` with a condition that does not depend on the data (a mask): each
     data branch gets the relevance of the positions it was chosen at, a constant branch
     absorbs its share."""
-    from lrp_onnx.emit.ops.merge import unbroadcast
-
     node, g = layer.primary, b.graph
     cond = node.inputs[0]
     if cond.name in g.data:
