@@ -201,8 +201,13 @@ class LRP:
             (a region of a segmentation map, +1/-1 for a contrastive explanation). Where a
             trailing Softmax/LogSoftmax is stripped, the seed is applied at its input (the
             logits, same shape).
-        input: name of the float graph input to explain; required when the model has several
-            (the others stay inputs of the compiled model and receive no relevance).
+        input: name of the graph input to explain: a float input, or token ids (an integer
+            input read by an embedding lookup, explained at the lookup's output); required
+            when the model has several candidates (the others stay inputs of the compiled
+            model and receive no relevance). Without it, token ids are chosen over float
+            inputs (a float attention mask is never explained).
+        embedding_relevance: for token ids, also output ``relevance_embedding`` ``[N, T, D]``
+            (``relevance`` is its sum over the hidden axis, one value per token).
         optimizations: :class:`Optimizations` (all on by default; they never change the
             relevance, only how it is computed).
         per_layer: also output the relevance each layer sends to its inputs
@@ -224,7 +229,8 @@ class LRP:
                  normalize_output_relevance: bool = True, output: str | None = None,
                  optimizations: Optimizations | None = None, per_layer: bool = False,
                  opset: int | None = None, output_relevance: bool = False,
-                 input: str | None = None, _audit: bool = False) -> None:
+                 input: str | None = None, embedding_relevance: bool = False,
+                 _audit: bool = False) -> None:
         if isinstance(model, FlatModel):
             flatten = True
         prep = prepare(model, output, opset, input)
@@ -233,21 +239,21 @@ class LRP:
         with labelled(prep.label):
             try:
                 self._build(prep, rules_or_composite, flatten, normalize_output_relevance,
-                            optimizations, per_layer, _audit)
+                            optimizations, per_layer, _audit, embedding_relevance)
             except MemoryError:
                 raise UnsupportedModel(
                     f"{prep.label}: out of memory while compiling (shapes: input "
-                    f"{prep.graph.data_input.shape})") from None
+                    f"{prep.graph.fed_input.shape})") from None
 
     def _build(self, prep: Prepared, rules_or_composite: Any, flatten: bool,
                normalize_output_relevance: bool, optimizations: Optimizations | None,
-               per_layer: bool, _audit: bool) -> None:
+               per_layer: bool, _audit: bool, embedding_relevance: bool = False) -> None:
         self.rules: list[Rule] = assign_rules(prep, rules_or_composite, flatten)
         self.flatten = flatten
         self.tree = prep.tree
         self.layers: list[Layer] = prep.layers
         self.indices = prep.indices
-        self.input_name = prep.graph.data_input.name
+        self.input_name = prep.graph.fed_input.name
         self.output_name = prep.graph.explained.name
         self.num_classes = int(prep.graph.shape(prep.graph.logits)[-1] or 0)
         #: The source file kept its weights as external data (so does ``save``).
@@ -256,7 +262,7 @@ class LRP:
             prep.graph, prep.layers, self.rules,
             normalize_output_relevance=normalize_output_relevance, model_meta=prep.meta,
             optimizations=optimizations, per_layer=per_layer, audit=_audit,
-            output_relevance=self.output_relevance)
+            output_relevance=self.output_relevance, embedding_relevance=embedding_relevance)
         by_index = {la.index + 1: la.summary for la in self.layers}
         self.per_layer_outputs: list[tuple[str, int, str]] = []
         for o in self.model.graph.output:
@@ -301,16 +307,19 @@ class LRP:
     def analyze(self, x: np.ndarray, target: int | Sequence[int] | np.ndarray | None = None, *,
                 output_relevance: np.ndarray | None = None,
                 inputs: dict[str, np.ndarray] | None = None,
+                position: int | Sequence[int] | np.ndarray | None = None,
                 device: str = "auto") -> Explanation:
-        """Explain ``x`` (with batch dimension) for ``target`` (None / -1: the top class), or,
-        for a model compiled with ``output_relevance=True``, for the seed ``output_relevance``
-        (shaped like the explained output; ``target`` is then refused). ``inputs``: the values
-        of the model's other inputs by name (a mask next to the explained input)."""
+        """Explain ``x`` (with batch dimension; token ids for a text model) for ``target``
+        (None / -1: the top class), or, for a model compiled with ``output_relevance=True``,
+        for the seed ``output_relevance`` (shaped like the explained output; ``target`` is
+        then refused). ``inputs``: the values of the model's other inputs by name (an
+        attention mask). ``position``: for a sequence output ``[N, T, V]``, the position
+        explained per sample (None / -1: the last)."""
         session = self.session(device)
         with labelled(self.label):
             return run_compiled(session, x, target, self.input_name, self.output_name,
                                 self.num_classes, output_relevance=output_relevance,
-                                inputs=inputs)
+                                inputs=inputs, position=position)
 
 
 def compile(model: str | os.PathLike[str] | onnx.ModelProto,  # noqa: A001 (API name)
@@ -318,9 +327,10 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto,  # noqa: A001 (API 
             normalize_output_relevance: bool = True, output: str | None = None,
             optimizations: Optimizations | None = None, per_layer: bool = False,
             opset: int | None = None, output_relevance: bool = False,
-            input: str | None = None) -> onnx.ModelProto:
+            input: str | None = None, embedding_relevance: bool = False) -> onnx.ModelProto:
     """Compile ``model``; returns the compiled ``ModelProto`` (arguments as :class:`LRP`)."""
     return LRP(model, rules_or_composite, flatten,
                normalize_output_relevance=normalize_output_relevance, output=output,
                optimizations=optimizations, per_layer=per_layer, opset=opset,
-               output_relevance=output_relevance, input=input).model
+               output_relevance=output_relevance, input=input,
+               embedding_relevance=embedding_relevance).model

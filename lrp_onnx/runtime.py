@@ -13,7 +13,13 @@ import numpy as np
 import onnx
 
 from lrp_onnx.dtypes import ORT_FLOATS
-from lrp_onnx.emit.contract import OUTPUT_RELEVANCE, RELEVANCE, TARGET
+from lrp_onnx.emit.contract import (
+    OUTPUT_RELEVANCE,
+    RELEVANCE,
+    RELEVANCE_EMBEDDING,
+    TARGET,
+    TARGET_POSITION,
+)
 from lrp_onnx.errors import InvalidInput, RuntimeFailure, UnsupportedModel
 from lrp_onnx.frontend.load import one_line
 from lrp_onnx.io import EXTERNAL_DATA_ABOVE, save_model, weight_bytes
@@ -96,26 +102,34 @@ class Explanation:
     """Result of :meth:`LRP.analyze`.
 
     Attributes:
-        relevance: input relevance, same shape and dtype as the input.
+        relevance: input relevance, same shape and dtype as the input (token ids: one float
+            per token).
         output: the explained model output (e.g. logits or probabilities).
         target: the class explained for each sample (argmax where ``-1`` was asked); ``-1``
             for every sample of a model seeded with an explicit ``output_relevance``.
         provider: the ONNX Runtime execution provider that ran the model.
+        position: for a sequence output ``[N, T, V]``, the explained position of each sample
+            (counted from the start); ``None`` otherwise.
+        embedding: ``relevance_embedding`` ``[N, T, D]`` where the model outputs it.
     """
 
     relevance: np.ndarray
     output: np.ndarray
     target: np.ndarray
     provider: str
+    position: np.ndarray | None = None
+    embedding: np.ndarray | None = None
 
 
 def run_compiled(session: Any, x: np.ndarray, target: Any, input_name: str, output_name: str,
                  num_classes: int, *, output_relevance: Any = None,
-                 inputs: dict[str, np.ndarray] | None = None) -> Explanation:
+                 inputs: dict[str, np.ndarray] | None = None,
+                 position: Any = None) -> Explanation:
     """Run a compiled model's session on ``x`` and its seed: ``target`` (models with a
     ``target`` input) or ``output_relevance`` (models compiled with ``output_relevance=True``);
-    ``inputs``: the model's other inputs by name. Validates all of them (one-line
-    :class:`InvalidInput` / :class:`UnsupportedModel` errors)."""
+    ``inputs``: the model's other inputs by name; ``position``: the explained position of a
+    sequence output (models with a ``target_position`` input; ``None``: the last). Validates
+    all of them (one-line :class:`InvalidInput` / :class:`UnsupportedModel` errors)."""
     x = np.asarray(x)
     n = x.shape[0] if x.ndim else 0
     names = [i.name for i in session.get_inputs()]
@@ -150,12 +164,19 @@ def run_compiled(session: Any, x: np.ndarray, target: Any, input_name: str, outp
             raise UnsupportedModel(f"target {int(t[bad][0])} is outside [-1, "
                                    f"{num_classes - 1}]")
         seed_name, seed = TARGET, t
+    contract = {input_name, seed_name}
+    if TARGET_POSITION in names:
+        contract.add(TARGET_POSITION)
+        pos = _positions(position, n, x)
+    elif position is not None:
+        raise InvalidInput("position applies to a model whose explained output is a sequence "
+                           "[N, T, classes]; this model has no target_position input")
     others = dict(inputs or {})
-    unknown = [k for k in others if k not in names or k in (input_name, seed_name)]
+    unknown = [k for k in others if k not in names or k in contract]
     if unknown:
         raise InvalidInput(f"inputs: '{unknown[0]}' is not another input of the model (its "
                            f"inputs: {', '.join(names)})")
-    missing = [k for k in names if k not in others and k not in (input_name, seed_name)]
+    missing = [k for k in names if k not in others and k not in contract]
     if missing:
         raise InvalidInput(f"the model also takes {', '.join(repr(k) for k in missing)}: pass "
                            "inputs={name: array}")
@@ -170,8 +191,13 @@ def run_compiled(session: Any, x: np.ndarray, target: Any, input_name: str, outp
     binding.bind_cpu_input(seed_name, np.ascontiguousarray(seed))
     for k, v in others.items():
         binding.bind_cpu_input(k, np.ascontiguousarray(v))
+    if TARGET_POSITION in contract:
+        binding.bind_cpu_input(TARGET_POSITION, pos)
     binding.bind_output(output_name)
     binding.bind_output(RELEVANCE)
+    embedded = RELEVANCE_EMBEDDING in {o.name for o in session.get_outputs()}
+    if embedded:
+        binding.bind_output(RELEVANCE_EMBEDDING)
     failures: tuple[type[BaseException], ...] = (RuntimeError, *ort_errors())
     import onnxruntime as ort
 
@@ -182,12 +208,38 @@ def run_compiled(session: Any, x: np.ndarray, target: Any, input_name: str, outp
     except failures as exc:  # IO binding raises a plain RuntimeError
         raise RuntimeFailure(f"ONNX Runtime failed to run the model: {one_line(str(exc))}") \
             from None
-    out, rel = binding.copy_outputs_to_cpu()
-    logits_like = np.asarray(out)
+    out, rel, *emb = binding.copy_outputs_to_cpu()
+    scores = np.asarray(out)
+    at = None
+    if TARGET_POSITION in contract:
+        at = np.where(pos < 0, pos + scores.shape[1], pos)
+        scores = scores[np.arange(n), at]
     chosen = t if seed_name == OUTPUT_RELEVANCE else \
-        np.where(t < 0, logits_like.reshape(n, -1).argmax(axis=1), t)
+        np.where(t < 0, scores.reshape(n, -1).argmax(axis=1), t)
     return Explanation(relevance=rel, output=out, target=chosen.astype(np.int64),
-                       provider=session.get_providers()[0])
+                       provider=session.get_providers()[0], position=at,
+                       embedding=emb[0] if embedded else None)
+
+
+def _positions(position: Any, n: int, x: np.ndarray) -> np.ndarray:
+    """``position`` as int64 ``[n]`` (``None``: -1, the last), within the sequence length
+    ``x.shape[1]`` where ``x`` has one."""
+    if position is None:
+        return np.full((n,), -1, dtype=np.int64)
+    p = np.asarray(position, dtype=np.int64)
+    if p.ndim == 0:
+        p = np.full((n,), int(p), dtype=np.int64)
+    if p.shape != (n,):
+        raise InvalidInput(f"position has shape {p.shape}; expected ({n},) for a batch of {n}")
+    length = x.shape[1] if x.ndim > 1 else None
+    if length is not None and ((p < -length) | (p >= length)).any():
+        bad = int(p[(p < -length) | (p >= length)][0])
+        raise InvalidInput(f"position {bad} is outside [-{length}, {length - 1}] (the "
+                           f"sequence has {length} positions)")
+    return p
+
+
+_ORT_INTS = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
 def _check_input(session: Any, input_name: str, x: np.ndarray, what: str = "") -> None:
@@ -196,7 +248,7 @@ def _check_input(session: Any, input_name: str, x: np.ndarray, what: str = "") -
     if spec is None:
         return
     what = what or f"input '{input_name}'"
-    want = ORT_FLOATS.get(spec.type)
+    want = ORT_FLOATS.get(spec.type) or _ORT_INTS.get(spec.type)
     if want is not None and x.dtype != want:
         raise InvalidInput(f"{what} must be {np.dtype(want).name}, got "
                            f"{x.dtype.name} (convert with x.astype(np.{np.dtype(want).name}))")

@@ -17,6 +17,7 @@ from lrp_onnx.emit.contract import (
     RELEVANCE,
     SEED_OUTPUT_RELEVANCE,
     TARGET,
+    TARGET_POSITION,
     read_record,
     seed_mode,
 )
@@ -30,12 +31,17 @@ class CompiledModelError(InvalidInput):
 
 @dataclass(frozen=True)
 class CompiledIO:
-    """The compiled model's explained input and output, class count and seed input."""
+    """The compiled model's explained input and output, class count and seed input; for a
+    model compiled on token ids, its other inputs (an attention mask) and whether it takes a
+    ``target_position``."""
 
     input: str
     output: str
     classes: int
     seed: ModelInput | None  # the ``output_relevance`` input; None: the ``target`` input
+    tokens: int = 0  # the vocabulary size of a model compiled on token ids, else 0
+    others: tuple[str, ...] = ()
+    positions: bool = False
 
     @classmethod
     def of(cls, model: onnx.ModelProto, label: str, prog: str) -> CompiledIO:
@@ -49,10 +55,11 @@ class CompiledIO:
                 f"{label}: not a compiled model (no '{TARGET}' or '{OUTPUT_RELEVANCE}' input / "
                 f"'{RELEVANCE}' output); run '{prog} convert' first")
         inits = {t.name for t in model.graph.initializer}
-        data = [n for n in inputs if n != seed_name and n not in inits]
+        data = [n for n in inputs if n not in (seed_name, TARGET_POSITION) and n not in inits]
         chosen = record.get("explained_input", data[0] if data else "")
         others = [n for n in data if n != chosen]
-        if others:
+        tokens = int(record.get("tokens") or 0)
+        if others and not tokens:
             raise CompiledModelError(
                 f"{label}: the model also takes {', '.join(repr(n) for n in others)} besides "
                 f"the explained input '{chosen}'; '{prog} explain' feeds one input: use the "
@@ -61,7 +68,8 @@ class CompiledIO:
         dims = {o.name: o for o in model.graph.output}[out_name].type.tensor_type.shape.dim
         classes = int(dims[-1].dim_value) if dims and dims[-1].HasField("dim_value") else 0
         seed = ModelInput.of(model, OUTPUT_RELEVANCE) if explicit else None
-        return cls(chosen, out_name, classes, seed)
+        return cls(chosen, out_name, classes, seed, tokens, tuple(others),
+                   TARGET_POSITION in inputs)
 
 
 def check_seed_options(io: CompiledIO, label: str, target: int | None,

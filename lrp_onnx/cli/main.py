@@ -99,7 +99,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
                        "seeds the given values as they are: give one of them")
     analyzer = LRP(src, _composite(args), normalize_output_relevance=not args.logit_seed,
                    output=args.output_name, per_layer=args.per_layer, opset=args.opset,
-                   output_relevance=args.output_relevance, input=args.input_name)
+                   output_relevance=args.output_relevance, input=args.input_name,
+                   embedding_relevance=args.relevance_embedding)
     try:
         analyzer.save(dest)
     except OSError as exc:
@@ -200,6 +201,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     model, label = load_model(args.model)
     io = CompiledIO.of(model, label, PROG)
     check_seed_options(io, label, args.target, args.output_relevance)
+    if io.tokens:
+        return _explain_text(args, model, label, io)
+    if args.position is not None or args.vocab is not None:
+        raise CLIError(f"--position and --vocab apply to a model compiled on token ids; "
+                       f"{label} explains '{io.input}'")
     spec = ModelInput.of(model, io.input)
     pre, source = _preprocess(args)
     plan = plan_inputs(expand_inputs(args.inputs, recursive=args.recursive), spec, pre,
@@ -257,6 +263,81 @@ def cmd_explain(args: argparse.Namespace) -> int:
         progress.close()
     summary = f"explained {len(plan.samples)} sample(s)"
     print(summary + (f"; wrote {written} files to {out}" if out is not None else ""))
+    return 0
+
+
+def _explain_text(args: argparse.Namespace, model: Any, label: str, io: Any) -> int:
+    """``explain`` for a model compiled on token ids (:mod:`lrp_onnx.cli.text`)."""
+    from lrp_onnx.cli import text
+    from lrp_onnx.cli.outputs import save_bytes
+    from lrp_onnx.runtime import make_session, run_compiled
+
+    if args.position is not None and not io.positions:
+        raise CLIError(f"--position: {label} explains a [batch, classes] output; positions "
+                       "apply to a sequence output [batch, positions, classes]")
+    sequences = text.read_sequences(args.inputs)
+    text.check_ids(sequences, io.tokens)
+    vocab = text.read_vocab(args.vocab)
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        stems = [s.stem for s in sequences]
+        twice = next((s for s in stems if stems.count(s) > 1), None)
+        if twice is not None:
+            raise CLIError(f"two inputs would write the same files ({out / twice}.*); rename "
+                           "one or explain them separately")
+        check_out_dir(out)
+    _quiet_ort(args.device)
+    try:
+        session = make_session(model, device=args.device)
+    except ort_errors() as exc:
+        raise CLIError(f"{label}: onnxruntime cannot load the model: {_first_line(exc)}"
+                       ) from None
+    provider = session.get_providers()[0]
+    _require_cuda(args.device, provider)
+    print(f"execution provider: {provider}", flush=True)
+    types = {i.name: np.int64 if i.type == "tensor(int64)" else np.int32 if
+             i.type == "tensor(int32)" else np.float32 for i in session.get_inputs()}
+    written = 0
+    for start in range(0, len(sequences), args.batch_size):
+        chunk = sequences[start:start + args.batch_size]
+        ids, mask = text.batch(chunk)
+        feeds = text.other_feeds(io.others, ids, mask, types)
+        asked = -1 if args.position is None else args.position
+        lengths = [len(s.ids) for s in chunk]
+        if io.positions and not all(-n <= asked < n for n in lengths):
+            raise CLIError(f"--position {asked} is outside a sequence of "
+                           f"{min(lengths)} tokens")
+        position = [n + asked if asked < 0 else asked for n in lengths] if io.positions \
+            else None
+        expl = run_compiled(session, ids.astype(types[io.input]), args.target, io.input,
+                            io.output, io.classes, inputs=feeds, position=position)
+        for i, s in enumerate(chunk):
+            rel = np.asarray(expl.relevance[i][:len(s.ids)])
+            words = text.token_text(s.ids, vocab)
+            scores = np.asarray(expl.output[i])
+            where = ""
+            if expl.position is not None:
+                where = f" at position {int(expl.position[i])}"
+                scores = scores[int(expl.position[i])]
+            t = int(expl.target[i])
+            print(f"{s.label}: target {t}{where} (output {float(scores.reshape(-1)[t]):.4g}), "
+                  f"relevance sum {float(rel.sum()):.4g}; top tokens: "
+                  f"{text.top_tokens(rel, words, args.top)}")
+            if not np.isfinite(rel).all():
+                raise CLIError(f"{s.path}: the relevance of {s.label} is not finite (NaN/Inf); "
+                               f"nothing written for it; run '{PROG} check' on the model")
+            if out is not None:
+                title = f"{s.label}: target {t}{where}"
+                try:
+                    out.mkdir(parents=True, exist_ok=True)
+                    save_npy(rel, out / f"{s.stem}.relevance.npy")
+                    save_bytes(text.page(title, words, rel).encode(), out / f"{s.stem}.html")
+                except OSError as exc:
+                    raise CLIError(f"{exc.filename or out}: cannot write "
+                                   f"({exc.strerror or exc})") from None
+                written += 2
+    print(f"explained {len(sequences)} sequence(s)" +
+          (f"; wrote {written} files to {out}" if out is not None else ""))
     return 0
 
 
@@ -347,7 +428,8 @@ def _rules_options(p: argparse.ArgumentParser) -> None:
                        help="a .toml or .json rule file spelling a Composite (see docs/cli.md)")
     p.add_argument("--output-name", metavar="NAME", help="graph output to explain (default: first)")
     p.add_argument("--input", dest="input_name", metavar="NAME",
-                   help="float graph input to explain (required when there are several)")
+                   help="graph input to explain: a float input, or token ids read by an "
+                   "embedding (default: the token ids, else the only float input)")
 
 
 def _seed_option(p: argparse.ArgumentParser) -> None:
@@ -374,7 +456,8 @@ def _explain_parser(sub: Any) -> None:
     p.add_argument("inputs", metavar="INPUT", nargs="+",
                    help=".npy (one sample or a batch), .png/.jpg/.jpeg, or a folder of them")
     p.add_argument("--target", type=int, default=None, metavar="K",
-                   help="class to explain (default: the top-scoring class)")
+                   help="class (a language model: token id) to explain (default: the "
+                   "top-scoring one)")
     p.add_argument("--output-relevance", metavar="FILE.npy",
                    help="the seed of a model converted with --output-relevance: one sample's "
                    "(used for every sample) or one per sample")
@@ -403,9 +486,20 @@ def _explain_parser(sub: Any) -> None:
     g.add_argument("--preprocess", metavar="FILE.json",
                    help="a JSON object with keys size, resize, mode, scale, mean, std "
                    "(options given here win)")
+    g = p.add_argument_group("token ids (a model compiled on input_ids: .npy [T] or [N, T], "
+                             "or a text file with one sequence of ids per line)")
+    g.add_argument("--position", type=int, default=None, metavar="P",
+                   help="a language model's explained position, counted from each sequence's "
+                   "start, or from its end when negative (default: -1, its last token)")
+    g.add_argument("--vocab", metavar="FILE",
+                   help="token strings, one per line by id (a tokenizer's vocab.txt), for the "
+                   "printed top tokens and the HTML")
+    g.add_argument("--top", type=_positive_int, default=5, metavar="K",
+                   help="print the K most relevant tokens of each sequence (default: 5)")
     g = p.add_argument_group("outputs")
     g.add_argument("--out", metavar="DIR",
-                   help="write <stem>.relevance.npy and <stem>.png per sample here")
+                   help="write <stem>.relevance.npy and <stem>.png (token ids: <stem>.html) "
+                   "per sample here")
     g.add_argument("--overlay", action="store_true",
                    help="also write <stem>.overlay.png: the heatmap blended over the input")
     g.add_argument("--alpha", type=_in_range(0.0, 1.0), default=0.5,
@@ -441,6 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also output each layer's input relevance (relevance_in_<i>)")
     p.add_argument("--opset", type=int, metavar="N",
                    help="convert the model to this opset (16 or newer) before compiling")
+    p.add_argument("--relevance-embedding", action="store_true",
+                   help="token ids: also output relevance_embedding [N, T, D] (relevance is "
+                   "its sum over the hidden axis)")
     _seed_option(p)
     p.set_defaults(func=cmd_convert)
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
 import numpy as np
 
@@ -107,10 +108,20 @@ def check_model_destination(src: Path, dest: Path) -> None:
 
 def save_npy(arr: np.ndarray, path: Path) -> None:
     """``np.save`` atomically: a temporary file in the same folder, then a rename."""
+    _atomic(lambda fh: np.save(fh, arr), path)
+
+
+def save_bytes(data: bytes, path: Path) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    _atomic(lambda fh: fh.write(data), path)
+
+
+def _atomic(write: Callable[[BinaryIO], object], path: Path) -> None:
+    """``write(file)`` into a temporary file in the same folder, then a rename."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            np.save(fh, arr)
+            write(fh)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -19,8 +19,10 @@ from lrp_onnx.emit.contract import (
     OUTPUT_RELEVANCE,
     RECORD_KEY,
     RELEVANCE,
+    RELEVANCE_EMBEDDING,
     SEED_OUTPUT_RELEVANCE,
     TARGET,
+    TARGET_POSITION,
     _drop_contract_io,
     per_layer_name,
     seed_input,
@@ -36,28 +38,54 @@ from lrp_onnx.rules.core import Rule
 from lrp_onnx.version import __version__
 
 
-def _seed(b: Builder, graph: Graph, target: gs.Variable, normalize: bool) -> gs.Tensor:
-    """One-hot (value 1, or the logit itself) at ``target``; ``target < 0`` picks the argmax."""
+def _seed(b: Builder, graph: Graph, target: gs.Variable, position: gs.Variable | None,
+          normalize: bool) -> gs.Tensor:
+    """One-hot (value 1, or the logit itself) at ``target``; ``target < 0`` picks the argmax.
+    A sequence output ``[N, T, V]`` is seeded at ``position`` (``< 0`` counts from the end):
+    the target is picked among that position's logits, every other position gets 0."""
     logits = graph.logits
     shape = graph.shape(logits)
-    if len(shape) != 2 or shape[1] is None:
+    if len(shape) != (3 if position is not None else 2) or shape[-1] is None:
         raise UnsupportedModel(
             f"{graph.label}: the explained value '{logits.name}' has shape {logits.shape}; "
-            "a [batch, classes] output with a static class count is required"
+            "a [batch, classes] or [batch, positions, classes] output with a static class "
+            "count is required"
         )
+    classes = int(shape[-1])
     with b.scope("seed"):
-        best = b.op("ArgMax", logits, tag="argmax", axis=1, keepdims=0)
+        scores, at = logits, None
+        if position is not None:
+            length = b.op("Shape", logits, tag="length", start=1, end=2)
+            fixed = b.op("Where", b.op("Less", position, b.scalar(0, np.int64), tag="from_end"),
+                         b.op("Add", position, length, tag="counted"), position, tag="position")
+            index = b.op("Expand", b.op("Unsqueeze", fixed, b.ints([1, 2]), tag="index"),
+                         b.op("Concat", b.op("Shape", logits, tag="n", start=0, end=1),
+                              b.ints([1, classes]), tag="index_shape", axis=0), tag="indices")
+            scores = b.op("Squeeze", b.op("GatherElements", logits, index, tag="pick", axis=1),
+                          b.ints([1]), tag="scores")
+            at = _onehot(b, fixed, length, "at")
+        best = b.op("ArgMax", scores, tag="argmax", axis=1, keepdims=0)
         chosen = b.op("Where", b.op("Less", target, b.scalar(0, np.int64), tag="auto"), best,
                       target, tag="target")
-        # ORT implements OneHot for float32 values only: build it there, cast to the model dtype.
-        values = b.const(np.array([0.0, 1.0]), "onehot_values", np.float32)
-        onehot = b.op("OneHot", chosen, b.ints([int(shape[1])]), values, tag="onehot", axis=-1)
-        if b.dtype != np.float32:
-            onehot = b.op("Cast", onehot, tag="onehot_cast",
-                          to=int(onnx.helper.np_dtype_to_tensor_dtype(b.dtype)))
+        onehot = _onehot(b, chosen, b.ints([classes]), "onehot")
+        if at is not None:
+            onehot = b.op("Mul", b.op("Unsqueeze", at, b.ints([2]), tag="at/expand"),
+                          b.op("Unsqueeze", onehot, b.ints([1]), tag="onehot/expand"),
+                          tag="onehot/sequence")
         if normalize:
             return onehot
         return b.factored(b.op("Mul", onehot, logits, tag="logit"), logits, onehot)
+
+
+def _onehot(b: Builder, index: gs.Tensor, depth: gs.Tensor, tag: str) -> gs.Tensor:
+    """``OneHot(index, depth)`` in the model's float type (ORT implements OneHot for float32
+    values only: built there, cast)."""
+    values = b.const(np.array([0.0, 1.0]), "onehot_values", np.float32)
+    onehot = b.op("OneHot", index, depth, values, tag=tag, axis=-1)
+    if b.dtype != np.float32:
+        onehot = b.op("Cast", onehot, tag=f"{tag}_cast",
+                      to=int(onnx.helper.np_dtype_to_tensor_dtype(b.dtype)))
+    return onehot
 
 
 def _explicit_seed(b: Builder, graph: Graph) -> tuple[gs.Variable, gs.Tensor]:
@@ -135,13 +163,16 @@ def compile_layers(graph: Graph, layers: Sequence[Layer], rules: Sequence[Rule],
                    model_meta: onnx.ModelProto | None = None,
                    optimizations: Optimizations | None = None,
                    per_layer: bool = False, audit: bool = False,
-                   output_relevance: bool = False) -> onnx.ModelProto:
+                   output_relevance: bool = False,
+                   embedding_relevance: bool = False) -> onnx.ModelProto:
     """Emit the relevance pass for ``layers`` with ``rules`` (aligned) into ``graph``.
 
     Returns the compiled ``ModelProto``: original inputs plus ``target`` (int64 ``[N]``) or,
     with ``output_relevance``, plus ``output_relevance`` (shape and dtype of the explained
     output: the seed as given, ``normalize_output_relevance`` does not apply), original outputs
-    plus ``relevance`` (shape and dtype of the data input). ``per_layer``
+    plus ``relevance`` (shape and dtype of the data input; for token ids: per token, and with
+    ``embedding_relevance`` also ``relevance_embedding``). A sequence output ``[N, T, V]``
+    adds the input ``target_position`` (int64 ``[N]``) beside ``target``. ``per_layer``
     adds the relevance each layer sends to each of its inputs as outputs (names from
     :func:`per_layer_name`, first layer first, after ``relevance``); ``audit`` (used by
     :mod:`lrp_onnx.check`) also adds, per layer, the relevance arriving at its output.
@@ -152,20 +183,28 @@ def compile_layers(graph: Graph, layers: Sequence[Layer], rules: Sequence[Rule],
             f"{graph.label}: normalize_output_relevance=False (the logit seed) does not apply "
             "with output_relevance=True, whose seed is used as given; multiply it by the "
             "output yourself")
+    if embedding_relevance and graph.embedding is None:
+        raise UnsupportedModel(f"{graph.label}: embedding_relevance applies to a model explained "
+                               f"at token ids; '{graph.data_input.name}' is a float input")
     seed_name = OUTPUT_RELEVANCE if output_relevance else TARGET
-    for name in (seed_name, RELEVANCE):
+    for name in (seed_name, RELEVANCE, TARGET_POSITION, RELEVANCE_EMBEDDING):
         if name in graph.tensors:
             raise UnsupportedModel(f"{graph.label}: the model already has a value named "
                                    f"'{name}', which the compiled model's contract reserves")
     b = Builder(graph, optimizations)
     if b.options.relu_denominators:
         b.relu_covers = relu_covers(graph, layers, rules)
+    batch = graph.fed_input.shape[0]
     if output_relevance:
         seed = _explicit_seed(b, graph)[1]
     else:
-        target = gs.Variable(TARGET, dtype=np.int64, shape=[graph.data_input.shape[0]])
+        target = gs.Variable(TARGET, dtype=np.int64, shape=[batch])
         graph.gs.inputs.append(target)
-        seed = _seed(b, graph, target, normalize_output_relevance)
+        position = None
+        if len(graph.shape(graph.logits)) == 3:
+            position = gs.Variable(TARGET_POSITION, dtype=np.int64, shape=[batch])
+            graph.gs.inputs.append(position)
+        seed = _seed(b, graph, target, position, normalize_output_relevance)
 
     pending: dict[str, list[gs.Tensor]] = {graph.logits.name: [seed]}
     # per-layer outputs: (layer index, value, output name, shape like)
@@ -206,9 +245,13 @@ def compile_layers(graph: Graph, layers: Sequence[Layer], rules: Sequence[Rule],
         else:  # no path carries relevance (all rules absorb it): an explicit zero map
             final = b.op("Mul", b.op("Cast", x, to=onnx.TensorProto.BOOL, tag="nz"),
                          b.scalar(0.0), tag="zero")
-    out = gs.Variable(RELEVANCE, dtype=x.dtype, shape=list(x.shape))
-    graph.gs.nodes.append(gs.Node("Identity", name="lrp/relevance", inputs=[final], outputs=[out]))
-    graph.gs.outputs.append(out)
+    if graph.embedding is not None:
+        _token_outputs(b, graph, final, embedding_relevance)
+    else:
+        out = gs.Variable(RELEVANCE, dtype=x.dtype, shape=list(x.shape))
+        graph.gs.nodes.append(gs.Node("Identity", name="lrp/relevance", inputs=[final],
+                                      outputs=[out]))
+        graph.gs.outputs.append(out)
     for _, value, name, like in sorted(extra, key=lambda e: e[0]):  # stable: first layer first
         _add_output(graph, value, name, like)
     _drop_unread(graph)
@@ -217,6 +260,27 @@ def compile_layers(graph: Graph, layers: Sequence[Layer], rules: Sequence[Rule],
                     output_relevance)
     _check(model, graph, b)
     return model
+
+
+def _token_outputs(b: Builder, graph: Graph, final: gs.Tensor, embedding_relevance: bool
+                   ) -> None:
+    """``relevance`` per token (the embedding relevance summed over the hidden axis, shaped
+    like the ids) and, with ``embedding_relevance``, ``relevance_embedding``."""
+    emb = graph.embedding
+    assert emb is not None
+    with b.scope("output"):
+        per_token = b.op("ReduceSum", final, b.ints([-1]), tag="tokens", keepdims=0)
+        if emb.moved:
+            per_token = b.op("Reshape", per_token, b.op("Shape", emb.ids, tag="ids_shape"),
+                             tag="tokens/reshape")
+    outputs = [(RELEVANCE, per_token, emb.ids)]
+    if embedding_relevance:
+        outputs.append((RELEVANCE_EMBEDDING, final, emb.output))
+    for name, value, like in outputs:
+        out = gs.Variable(name, dtype=emb.output.dtype, shape=list(like.shape))
+        graph.gs.nodes.append(gs.Node("Identity", name=f"lrp/{name}", inputs=[value],
+                                      outputs=[out]))
+        graph.gs.outputs.append(out)
 
 
 def _drop_unread(graph: Graph) -> None:
@@ -279,7 +343,10 @@ def _export(graph: Graph, meta: onnx.ModelProto | None, layers: Sequence[Layer],
     # Written only where they say something, so that other models keep their exact bytes.
     if explicit:
         record["seed"] = SEED_OUTPUT_RELEVANCE
-    if len(graph.float_inputs) > 1:
+    if graph.embedding is not None:
+        record["explained_input"] = graph.embedding.ids.name
+        record["tokens"] = int(graph.embedding.gather.inputs[0].shape[0])  # the vocabulary
+    elif len(graph.float_inputs) > 1:
         record["explained_input"] = graph.data_input.name
     entry = model.metadata_props.add()
     entry.key, entry.value = RECORD_KEY, json.dumps(record, sort_keys=True)

@@ -1,8 +1,10 @@
 """The compiled model's contract: the names it adds, its metadata record, and how to strip it.
 
-A compiled model has the original inputs plus ``target`` (int64 ``[N]``) or, compiled with
-``output_relevance=True``, plus ``output_relevance`` (shaped like the explained output), and the
-original outputs plus ``relevance`` (and, on request, per-layer relevance outputs). Its metadata
+A compiled model has the original inputs plus ``target`` (int64 ``[N]``; with a sequence output
+``[N, T, V]`` also ``target_position``) or, compiled with ``output_relevance=True``, plus
+``output_relevance`` (shaped like the explained output), and the original outputs plus
+``relevance`` (and, on request, ``relevance_embedding`` for a model read as token ids, and
+per-layer relevance outputs). Its metadata
 entry ``lrp_onnx`` records the rules it was compiled with, its seed mode and, where the model has
 several float inputs, the explained one (:func:`read_record`, :func:`seed_mode`).
 """
@@ -18,6 +20,10 @@ from lrp_onnx.frontend.layers import Layer
 
 TARGET = "target"
 RELEVANCE = "relevance"
+#: The position input of a model whose explained output is a sequence ``[N, T, V]``.
+TARGET_POSITION = "target_position"
+#: The relevance of every embedding entry ``[N, T, D]`` (token-id models, on request).
+RELEVANCE_EMBEDDING = "relevance_embedding"
 #: The seed input of a model compiled with ``output_relevance=True``.
 OUTPUT_RELEVANCE = "output_relevance"
 #: Seed modes (:func:`seed_mode`): the one-hot ``target`` seed, or an explicit seed tensor.
@@ -41,7 +47,8 @@ AUDIT_PREFIX = "relevance_out_"
 
 
 def _is_relevance_output(name: str) -> bool:
-    return name == RELEVANCE or name.startswith((PER_LAYER_PREFIX, AUDIT_PREFIX))
+    return name in (RELEVANCE, RELEVANCE_EMBEDDING) or \
+        name.startswith((PER_LAYER_PREFIX, AUDIT_PREFIX))
 
 
 def read_record(model: onnx.ModelProto) -> dict[str, Any]:
@@ -68,12 +75,12 @@ def seed_input(model: onnx.ModelProto) -> str:
 
 
 def _drop_contract_io(g: onnx.GraphProto, seed: str = TARGET) -> None:
-    """Remove the compiled contract's seed input (``target`` or ``output_relevance``) and
-    relevance outputs from ``g``."""
+    """Remove the compiled contract's seed inputs (``target`` or ``output_relevance``, and
+    ``target_position``) and relevance outputs from ``g``."""
     outputs = [o for o in g.output if not _is_relevance_output(o.name)]
     del g.output[:]
     g.output.extend(outputs)
-    inputs = [i for i in g.input if i.name != seed]
+    inputs = [i for i in g.input if i.name not in (seed, TARGET_POSITION)]
     del g.input[:]
     g.input.extend(inputs)
 

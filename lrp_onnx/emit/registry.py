@@ -112,6 +112,9 @@ class OpSpec:
         routes: the op only moves values (each output element is an input element or a
             constant) and its emitter only moves relevance back, so applied to ``g`` where the
             relevance is ``y * g`` it gives the ``g`` of each input (the gradient form).
+        keeps_order: the output holds the input's elements in their order, only the shape
+            differs (reshapes, identities): token ids may pass it on their way to the
+            embedding lookup (:mod:`lrp_onnx.frontend.tokens`).
     """
 
     op_type: str
@@ -133,6 +136,7 @@ class OpSpec:
     weight_rank: int | str | None = None
     routes: bool = False
     product_kind: str | None = None
+    keeps_order: bool = False
 
     @property
     def doc(self) -> str:

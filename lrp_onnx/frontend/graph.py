@@ -18,6 +18,7 @@ from lrp_onnx.emit.registry import Kind, Sign, is_kind, spec_of
 from lrp_onnx.errors import UnsupportedAttribute, UnsupportedModel, node_label
 from lrp_onnx.frontend.load import default_opset, shape_inference_error
 from lrp_onnx.frontend.shapes import resolve
+from lrp_onnx.frontend.tokens import TOKEN_IDS, Embedding, find_embeddings
 
 
 def float_dtype(t: gs.Tensor) -> bool:
@@ -73,9 +74,12 @@ class Graph:
         gs: the graphsurgeon graph (topologically sorted); emitted nodes are appended to it.
         label: the source file or model name, for messages.
         opset: the default-domain opset.
-        data_input: the float graph input that relevance is computed for (``input``, or the
-            only float input); other inputs are constants to the relevance pass: data
-            dependence starts from this input alone.
+        data_input: the float value that relevance is computed for: the graph input
+            ``input``, or the only float input, or, for a model reading token ids, the output
+            of their embedding lookup (``embedding``); other inputs are constants to the
+            relevance pass: data dependence starts from this value alone.
+        embedding: the token input and its embedding lookup, or ``None`` for a model explained
+            at a float graph input.
         explained: the graph output whose target entry is explained.
         logits: the value relevance starts from (``explained`` or the input of a trailing
             Softmax/LogSoftmax).
@@ -104,11 +108,12 @@ class Graph:
                                    f"({type(exc).__name__}: {str(exc)[:200]})") from None
         self.tensors: dict[str, gs.Tensor] = self.gs.tensors()
 
+        self.embedding: Embedding | None = None
         self.data_input: gs.Variable = self._choose_input(input)
-        shape = self.data_input.shape
-        if shape is None or len(shape) < 2:
+        shape = self.fed_input.shape
+        if shape is None or len(shape) < (1 if self.embedding else 2):
             raise UnsupportedModel(
-                f"{label}: input '{self.data_input.name}' has shape {shape}; a batch dimension "
+                f"{label}: input '{self.fed_input.name}' has shape {shape}; a batch dimension "
                 "followed by the sample dimensions is required"
             )
         outs = {o.name: o for o in self.gs.outputs}
@@ -136,26 +141,48 @@ class Graph:
         self.nodes: list[gs.Node] = self._relevance_path()
         self.nonneg: set[str] = self._nonneg()
 
+    @property
+    def fed_input(self) -> gs.Variable:
+        """The graph input the user feeds for the explained value: the token ids of a text
+        model, else the explained float input itself."""
+        return self.embedding.ids if self.embedding is not None else self.data_input
+
     def _choose_input(self, name: str | None) -> gs.Variable:
-        """The float graph input to explain: ``name``, or the only float input. Several float
-        inputs without ``name`` are refused (a mask must never be explained by accident)."""
+        """The value to explain: input ``name``; without a name the only token input (an
+        integer input read by an embedding lookup; several: the one named ``input_ids``), else
+        the only float input. Several candidates without ``name`` are refused (a mask must
+        never be explained by accident)."""
         floats = [t for t in self.gs.inputs if float_dtype(t)]
+        tokens = find_embeddings(self.gs.inputs)
         #: names of every float graph input (the compiled record names the explained one
         #: where there are several)
         self.float_inputs = [t.name for t in floats]
-        listed = ", ".join(f"'{t.name}'" for t in floats)
+        listed = ", ".join([f"'{t.name}'" for t in floats] +
+                           [f"'{t}' (token ids)" for t in tokens])
         if name is not None:
+            if name in tokens:
+                self.embedding = tokens[name]
+                return self.embedding.output
             chosen = [t for t in floats if t.name == name]
             if not chosen:
                 other = any(t.name == name for t in self.gs.inputs)
-                why = "is not a floating-point input" if other else "is no graph input"
-                raise UnsupportedModel(f"{self.label}: '{name}' {why} (floating-point inputs: "
+                why = "is neither a floating-point input nor token ids read by an embedding " \
+                    "lookup" if other else "is no graph input"
+                raise UnsupportedModel(f"{self.label}: '{name}' {why} (inputs to explain: "
                                        f"{listed or 'none'})")
             return chosen[0]
+        if tokens:
+            if len(tokens) == 1 or TOKEN_IDS in tokens:
+                self.embedding = tokens.get(TOKEN_IDS) or next(iter(tokens.values()))
+                return self.embedding.output
+            raise UnsupportedModel(
+                f"{self.label}: {len(tokens)} token inputs ({listed}); choose the one to "
+                "explain with input=NAME (--input NAME)")
         if not floats:
             names = ", ".join(f"'{t.name}' ({t.dtype})" for t in self.gs.inputs) or "none"
             raise UnsupportedModel(
-                f"{self.label}: no floating-point model input to explain (inputs: {names})"
+                f"{self.label}: no floating-point model input and no token ids read by an "
+                f"embedding lookup to explain (inputs: {names})"
             )
         if len(floats) > 1:
             raise UnsupportedModel(
@@ -178,8 +205,8 @@ class Graph:
         needed = {self.logits.name}
         path: list[gs.Node] = []
         for node in reversed(self.gs.nodes):
-            if is_kind(node.op, Kind.SHAPE):
-                continue
+            if is_kind(node.op, Kind.SHAPE) or not self.data_inputs(node):
+                continue  # shape reads, and the embedding lookup that makes the data input
             if any(t.name in needed for t in node.outputs):
                 path.append(node)
                 needed.update(t.name for t in node.inputs if t.name in self.data)

@@ -41,9 +41,11 @@ def _concat_summary(graph: Graph, layer: Layer) -> str:
     return f"Concat(axis={int(attr(layer.primary, 'axis', graph.opset, 1))})"
 
 
-@emitter("Flatten", summary=_flatten_summary, groups=("ReshapingLayer",), **_MOVES)
-@emitter("Reshape", summary=_reshape_summary, groups=("ReshapingLayer",), **_MOVES)
-@emitter("Squeeze", "Unsqueeze", groups=("ReshapingLayer",), **_MOVES)
+@emitter("Flatten", summary=_flatten_summary, groups=("ReshapingLayer",), keeps_order=True,
+         **_MOVES)
+@emitter("Reshape", summary=_reshape_summary, groups=("ReshapingLayer",), keeps_order=True,
+         **_MOVES)
+@emitter("Squeeze", "Unsqueeze", groups=("ReshapingLayer",), keeps_order=True, **_MOVES)
 def reshape(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
     """``R = reshape(R', shape(x))``."""
     x = layer.inputs[0]
@@ -65,7 +67,8 @@ def transpose(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs
 
 
 @emitter("Identity", kind=Kind.IDENTITY, rules=ROUTING_RULES, sign=Sign.PRESERVES,
-         support=Support.ROUTING, head=True, routes=True, summary=lambda graph, layer: "identity")
+         support=Support.ROUTING, head=True, routes=True, keeps_order=True,
+         summary=lambda graph, layer: "identity")
 def identity(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
     """``R = R'``: the identity passes relevance unchanged (Zennit's Pass)."""
     return [r_out]
@@ -254,7 +257,8 @@ def gather(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Te
 
 
 @emitter("Cast", kind=Kind.IDENTITY, rules=ROUTING_RULES, sign=Sign.PRESERVES,
-         support=Support.ROUTING, routes=True, summary=lambda graph, layer: "cast")
+         support=Support.ROUTING, routes=True, keeps_order=True,
+         summary=lambda graph, layer: "cast")
 def cast(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
     """A float-to-float ``Cast``: ``R = Cast(R', the input's type)`` (a float input cast to an
     integer or boolean type carries no relevance on and is refused)."""
