@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from lrp_onnx.cli.argtypes import in_range, number, positive_int
 from lrp_onnx.cli.outputs import (
     PROGRESS_MIN_SAMPLES,
     Progress,
@@ -158,6 +159,23 @@ def _preprocess(args: argparse.Namespace) -> tuple[Any, str]:
     return pre.updated(**options), (args.preprocess or "") if not given else ""
 
 
+def _open_session(model: Any, label: str, device: str) -> Any:
+    """The ONNX Runtime session ``explain`` runs (``--device cuda`` refused where CUDA did not
+    start); prints the provider."""
+    from lrp_onnx.runtime import make_session
+
+    _quiet_ort(device)
+    try:
+        session = make_session(model, device=device)
+    except ort_errors() as exc:
+        raise CLIError(f"{label}: onnxruntime cannot load the model: {_first_line(exc)}"
+                       ) from None
+    provider = session.get_providers()[0]
+    _require_cuda(device, provider)
+    print(f"execution provider: {provider}", flush=True)
+    return session
+
+
 def _write_sample(out: Path, sample: Any, rel: np.ndarray, x: np.ndarray,
                   image: np.ndarray | None, args: argparse.Namespace) -> int:
     """Write one sample's relevance (and heatmaps); returns the number of files written."""
@@ -196,13 +214,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
         plan_inputs,
     )
     from lrp_onnx.frontend.load import load_model
-    from lrp_onnx.runtime import make_session, run_compiled
+    from lrp_onnx.runtime import run_compiled
 
     model, label = load_model(args.model)
     io = CompiledIO.of(model, label, PROG)
     check_seed_options(io, label, args.target, args.output_relevance)
     if io.tokens:
-        return _explain_text(args, model, label, io)
+        from lrp_onnx.cli.text import explain_tokens, read_tokens
+
+        tokens = read_tokens(args, io, label)
+        return explain_tokens(tokens, _open_session(model, label, args.device), io, args)
     if args.position is not None or args.vocab is not None:
         raise CLIError(f"--position and --vocab apply to a model compiled on token ids; "
                        f"{label} explains '{io.input}'")
@@ -220,16 +241,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             raise CLIError(f"{clash[1].path}: would write the same files as {clash[0].path} "
                            f"({out / clash[1].stem}.*); rename one or explain them separately")
         check_out_dir(out)
-    _quiet_ort(args.device)
+    session = _open_session(model, label, args.device)
     runtime_errors = ort_errors()
-    try:
-        session = make_session(model, device=args.device)
-    except runtime_errors as exc:
-        raise CLIError(f"{label}: onnxruntime cannot load the model: {_first_line(exc)}"
-                       ) from None
-    provider = session.get_providers()[0]
-    _require_cuda(args.device, provider)
-    print(f"execution provider: {provider}", flush=True)
 
     progress = Progress(len(plan.samples), args.progress)
     written = done = 0
@@ -263,81 +276,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
         progress.close()
     summary = f"explained {len(plan.samples)} sample(s)"
     print(summary + (f"; wrote {written} files to {out}" if out is not None else ""))
-    return 0
-
-
-def _explain_text(args: argparse.Namespace, model: Any, label: str, io: Any) -> int:
-    """``explain`` for a model compiled on token ids (:mod:`lrp_onnx.cli.text`)."""
-    from lrp_onnx.cli import text
-    from lrp_onnx.cli.outputs import save_bytes
-    from lrp_onnx.runtime import make_session, run_compiled
-
-    if args.position is not None and not io.positions:
-        raise CLIError(f"--position: {label} explains a [batch, classes] output; positions "
-                       "apply to a sequence output [batch, positions, classes]")
-    sequences = text.read_sequences(args.inputs)
-    text.check_ids(sequences, io.tokens)
-    vocab = text.read_vocab(args.vocab)
-    out = Path(args.out) if args.out else None
-    if out is not None:
-        stems = [s.stem for s in sequences]
-        twice = next((s for s in stems if stems.count(s) > 1), None)
-        if twice is not None:
-            raise CLIError(f"two inputs would write the same files ({out / twice}.*); rename "
-                           "one or explain them separately")
-        check_out_dir(out)
-    _quiet_ort(args.device)
-    try:
-        session = make_session(model, device=args.device)
-    except ort_errors() as exc:
-        raise CLIError(f"{label}: onnxruntime cannot load the model: {_first_line(exc)}"
-                       ) from None
-    provider = session.get_providers()[0]
-    _require_cuda(args.device, provider)
-    print(f"execution provider: {provider}", flush=True)
-    types = {i.name: np.int64 if i.type == "tensor(int64)" else np.int32 if
-             i.type == "tensor(int32)" else np.float32 for i in session.get_inputs()}
-    written = 0
-    for start in range(0, len(sequences), args.batch_size):
-        chunk = sequences[start:start + args.batch_size]
-        ids, mask = text.batch(chunk)
-        feeds = text.other_feeds(io.others, ids, mask, types)
-        asked = -1 if args.position is None else args.position
-        lengths = [len(s.ids) for s in chunk]
-        if io.positions and not all(-n <= asked < n for n in lengths):
-            raise CLIError(f"--position {asked} is outside a sequence of "
-                           f"{min(lengths)} tokens")
-        position = [n + asked if asked < 0 else asked for n in lengths] if io.positions \
-            else None
-        expl = run_compiled(session, ids.astype(types[io.input]), args.target, io.input,
-                            io.output, io.classes, inputs=feeds, position=position)
-        for i, s in enumerate(chunk):
-            rel = np.asarray(expl.relevance[i][:len(s.ids)])
-            words = text.token_text(s.ids, vocab)
-            scores = np.asarray(expl.output[i])
-            where = ""
-            if expl.position is not None:
-                where = f" at position {int(expl.position[i])}"
-                scores = scores[int(expl.position[i])]
-            t = int(expl.target[i])
-            print(f"{s.label}: target {t}{where} (output {float(scores.reshape(-1)[t]):.4g}), "
-                  f"relevance sum {float(rel.sum()):.4g}; top tokens: "
-                  f"{text.top_tokens(rel, words, args.top)}")
-            if not np.isfinite(rel).all():
-                raise CLIError(f"{s.path}: the relevance of {s.label} is not finite (NaN/Inf); "
-                               f"nothing written for it; run '{PROG} check' on the model")
-            if out is not None:
-                title = f"{s.label}: target {t}{where}"
-                try:
-                    out.mkdir(parents=True, exist_ok=True)
-                    save_npy(rel, out / f"{s.stem}.relevance.npy")
-                    save_bytes(text.page(title, words, rel).encode(), out / f"{s.stem}.html")
-                except OSError as exc:
-                    raise CLIError(f"{exc.filename or out}: cannot write "
-                                   f"({exc.strerror or exc})") from None
-                written += 2
-    print(f"explained {len(sequences)} sequence(s)" +
-          (f"; wrote {written} files to {out}" if out is not None else ""))
     return 0
 
 
@@ -383,42 +321,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 # -- the parser --------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
-
-
-def _number(text: str) -> float:
-    """A float, or a fraction such as ``1/255``."""
-    try:
-        if "/" in text:
-            num, den = text.split("/", 1)
-            value = float(num) / float(den)
-        else:
-            value = float(text)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (or a fraction a/b)"
-                                         ) from None
-    if not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not finite")
-    return value
-
-
-def _in_range(low: float, high: float, open_low: bool = False) -> Any:
-    def parse(text: str) -> float:
-        value = _number(text)
-        if value > high or value < low or (open_low and value == low):
-            bracket = "(" if open_low else "["
-            raise argparse.ArgumentTypeError(f"{text} is outside {bracket}{low:g}, {high:g}]")
-        return value
-    return parse
-
-
 def _rules_options(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--composite", metavar="SPEC",
@@ -446,6 +348,7 @@ def _device_option(p: argparse.ArgumentParser, default: str) -> None:
 
 def _explain_parser(sub: Any) -> None:
     from lrp_onnx.cli.heatmap import REDUCTIONS
+    from lrp_onnx.cli.text import add_token_options
 
     p = sub.add_parser(
         "explain", help="run a compiled model on .npy arrays and images; write heatmaps",
@@ -463,7 +366,7 @@ def _explain_parser(sub: Any) -> None:
                    "(used for every sample) or one per sample")
     p.add_argument("--recursive", "-r", action="store_true",
                    help="also read the sub-folders of folder inputs")
-    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N",
+    p.add_argument("--batch-size", type=positive_int, default=16, metavar="N",
                    help="samples read and run at a time (default: 16); bounds memory")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help=f"progress bar on stderr (default: on a terminal, from "
@@ -471,46 +374,37 @@ def _explain_parser(sub: Any) -> None:
     _device_option(p, "auto")
     g = p.add_argument_group("image preprocessing (.npy arrays are fed as they are)")
     sizing = g.add_mutually_exclusive_group()
-    sizing.add_argument("--size", nargs=2, type=_positive_int, metavar=("H", "W"),
+    sizing.add_argument("--size", nargs=2, type=positive_int, metavar=("H", "W"),
                         help="resize images to H x W (default: the model's input size)")
     sizing.add_argument("--no-resize", action="store_true",
                         help="refuse images whose size differs from the model's")
     g.add_argument("--mode", choices=("L", "RGB"),
                    help="image mode (default: L for 1 input channel, RGB for 3)")
-    g.add_argument("--scale", type=_number, metavar="S",
+    g.add_argument("--scale", type=number, metavar="S",
                    help="multiply pixel values (0-255) by S first (default: 1/255)")
-    g.add_argument("--mean", type=_number, nargs="+", metavar="M",
+    g.add_argument("--mean", type=number, nargs="+", metavar="M",
                    help="subtract, per channel or one for all (default: 0)")
-    g.add_argument("--std", type=_number, nargs="+", metavar="S",
+    g.add_argument("--std", type=number, nargs="+", metavar="S",
                    help="then divide by, per channel or one for all (default: 1)")
     g.add_argument("--preprocess", metavar="FILE.json",
                    help="a JSON object with keys size, resize, mode, scale, mean, std "
                    "(options given here win)")
-    g = p.add_argument_group("token ids (a model compiled on input_ids: .npy [T] or [N, T], "
-                             "or a text file with one sequence of ids per line)")
-    g.add_argument("--position", type=int, default=None, metavar="P",
-                   help="a language model's explained position, counted from each sequence's "
-                   "start, or from its end when negative (default: -1, its last token)")
-    g.add_argument("--vocab", metavar="FILE",
-                   help="token strings, one per line by id (a tokenizer's vocab.txt), for the "
-                   "printed top tokens and the HTML")
-    g.add_argument("--top", type=_positive_int, default=5, metavar="K",
-                   help="print the K most relevant tokens of each sequence (default: 5)")
+    add_token_options(p)
     g = p.add_argument_group("outputs")
     g.add_argument("--out", metavar="DIR",
                    help="write <stem>.relevance.npy and <stem>.png (token ids: <stem>.html) "
                    "per sample here")
     g.add_argument("--overlay", action="store_true",
                    help="also write <stem>.overlay.png: the heatmap blended over the input")
-    g.add_argument("--alpha", type=_in_range(0.0, 1.0), default=0.5,
+    g.add_argument("--alpha", type=in_range(0.0, 1.0), default=0.5,
                    help="heatmap weight in the overlay (default: 0.5)")
     g.add_argument("--reduce", choices=REDUCTIONS, default="sum",
                    help="how channels become one heatmap value (default: sum)")
-    g.add_argument("--percentile", type=_in_range(0.0, 100.0, open_low=True), default=99.5,
+    g.add_argument("--percentile", type=in_range(0.0, 100.0, open_low=True), default=99.5,
                    help="|relevance| percentile that maps to full colour (default: 99.5)")
-    g.add_argument("--patch", type=_positive_int, default=None, metavar="P",
+    g.add_argument("--patch", type=positive_int, default=None, metavar="P",
                    help="sum the heatmap over P x P patches (a ViT's patch size, e.g. 16)")
-    g.add_argument("--png-scale", type=_positive_int, default=None, metavar="K",
+    g.add_argument("--png-scale", type=positive_int, default=None, metavar="K",
                    help=f"draw each pixel as a K x K block (default: the smallest K that makes "
                    f"the longer side at least {AUTO_PNG_SIDE} pixels)")
     p.set_defaults(func=cmd_explain)
@@ -560,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     _rules_options(p)
     p.add_argument("--json", action="store_true",
                    help="print a machine-readable JSON report on stdout")
-    p.add_argument("--samples", type=_positive_int, default=4, metavar="N",
+    p.add_argument("--samples", type=positive_int, default=4, metavar="N",
                    help="random samples (default: 4)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     _device_option(p, "cpu")

@@ -9,6 +9,7 @@ their attention mask is 0 there, as HF tokenizers pad.
 
 from __future__ import annotations
 
+import argparse
 import html
 import os
 from collections.abc import Sequence
@@ -18,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from lrp_onnx.cli.argtypes import positive_int
 from lrp_onnx.cli.inputs import InputFileError
+from lrp_onnx.errors import InvalidInput
 
 #: Model inputs ``explain`` fills for a text model: the padding mask, and zeros.
 MASK_WORD, ZERO_INPUTS = "mask", ("token_type_ids",)
@@ -157,3 +160,102 @@ def page(title: str, words: list[str], rel: np.ndarray) -> str:
             f"<title>{html.escape(title)}</title></head>\n"
             "<body style=\"font-family: monospace; line-height: 1.8\">\n"
             f"<p>{html.escape(title)}</p>\n<p>{' '.join(spans)}</p>\n</body></html>\n")
+
+
+def add_token_options(p: argparse.ArgumentParser) -> None:
+    """``explain``'s options for token ids."""
+    g = p.add_argument_group("token ids (a model compiled on input_ids: .npy [T] or [N, T], "
+                             "or a text file with one sequence of ids per line)")
+    g.add_argument("--position", type=int, default=None, metavar="P",
+                   help="a language model's explained position, counted from each sequence's "
+                   "start, or from its end when negative (default: -1, its last token)")
+    g.add_argument("--vocab", metavar="FILE",
+                   help="token strings, one per line by id (a tokenizer's vocab.txt), for the "
+                   "printed top tokens and the HTML")
+    g.add_argument("--top", type=positive_int, default=5, metavar="K",
+                   help="print the K most relevant tokens of each sequence (default: 5)")
+
+
+@dataclass(frozen=True)
+class TokenJob:
+    """What ``explain`` runs on a model compiled on token ids."""
+
+    sequences: list[TokenSequence]
+    vocab: list[str] | None
+    out: Path | None
+
+
+def read_tokens(args: Any, io: Any, label: str) -> TokenJob:
+    """Read and check every input before anything runs (``--position``, the ids, the output
+    folder)."""
+    from lrp_onnx.cli.outputs import check_out_dir
+
+    if args.position is not None and not io.positions:
+        raise InvalidInput(f"--position: {label} explains a [batch, classes] output; positions "
+                           "apply to a sequence output [batch, positions, classes]")
+    sequences = read_sequences(args.inputs)
+    check_ids(sequences, io.tokens)
+    if io.positions and args.position is not None:
+        short = min(len(s.ids) for s in sequences)
+        if not -short <= args.position < short:
+            raise InvalidInput(f"--position {args.position} is outside a sequence of {short} "
+                               "tokens")
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        stems = [s.stem for s in sequences]
+        twice = next((s for s in stems if stems.count(s) > 1), None)
+        if twice is not None:
+            raise InvalidInput(f"two inputs would write the same files ({out / twice}.*); "
+                               "rename one or explain them separately")
+        check_out_dir(out)
+    return TokenJob(sequences, read_vocab(args.vocab), out)
+
+
+def explain_tokens(job: TokenJob, session: Any, io: Any, args: Any) -> int:
+    """Run the compiled model on the sequences in batches; print the target, the relevance sum
+    and the top tokens of each; with ``--out`` write ``<stem>.relevance.npy`` (one value per
+    token) and ``<stem>.html``."""
+    from lrp_onnx.cli.outputs import OutputError, save_bytes, save_npy
+    from lrp_onnx.runtime import run_compiled
+
+    types = {i.name: np.int32 if i.type == "tensor(int32)" else
+             np.float32 if i.type == "tensor(float)" else np.int64 for i in session.get_inputs()}
+    asked = -1 if args.position is None else args.position
+    written = 0
+    for start in range(0, len(job.sequences), args.batch_size):
+        chunk = job.sequences[start:start + args.batch_size]
+        ids, mask = batch(chunk)
+        position = [len(s.ids) + asked if asked < 0 else asked for s in chunk] \
+            if io.positions else None
+        expl = run_compiled(session, ids.astype(types[io.input]), args.target, io.input,
+                            io.output, io.classes, inputs=other_feeds(io.others, ids, mask, types),
+                            position=position)
+        for i, s in enumerate(chunk):
+            rel = np.asarray(expl.relevance[i][:len(s.ids)])
+            words = token_text(s.ids, job.vocab)
+            scores, where = np.asarray(expl.output[i]), ""
+            if expl.position is not None:
+                where = f" at position {int(expl.position[i])}"
+                scores = scores[int(expl.position[i])]
+            t = int(expl.target[i])
+            print(f"{s.label}: target {t}{where} (output {float(scores.reshape(-1)[t]):.4g}), "
+                  f"relevance sum {float(rel.sum()):.4g}; top tokens: "
+                  f"{top_tokens(rel, words, args.top)}")
+            if not np.isfinite(rel).all():
+                raise InvalidInput(f"{s.path}: the relevance of {s.label} is not finite "
+                                   "(NaN/Inf); nothing written for it; run 'lrp-onnx check' "
+                                   "on the model")
+            if job.out is None:
+                continue
+            try:
+                job.out.mkdir(parents=True, exist_ok=True)
+                save_npy(rel, job.out / f"{s.stem}.relevance.npy")
+                save_bytes(page(f"{s.label}: target {t}{where}", words, rel).encode(),
+                           job.out / f"{s.stem}.html")
+            except OSError as exc:
+                raise OutputError(f"{exc.filename or job.out}: cannot write "
+                                  f"({exc.strerror or exc})") from None
+            written += 2
+    print(f"explained {len(job.sequences)} sequence(s)" +
+          (f"; wrote {written} files to {job.out}" if job.out is not None else ""))
+    return 0
