@@ -1,6 +1,7 @@
 """Benchmark compiled LRP against the ORT forward pass and Zennit/LXT, side by side in one run.
 
-    python scripts/bench.py [--models vgg16,resnet50,vit_b_16] [--batches 1,8]
+    python scripts/bench.py [--models vgg16,resnet50,vit_b_16,bert_base,gpt2_small]
+                            [--batches 1,8]
                             [--devices cpu,cuda] [--composites zero,epsilon_plus_flat]
                             [--threads 2] [--repeat 10] [--rounds 3] [--json out.json] [--smoke]
 
@@ -13,6 +14,9 @@ compiled speed-up, the compile time and the compiler's peak RSS (measured in a c
 next to the model's size. CUDA timings bind inputs and outputs on the device (IO binding), so
 neither side pays host copies. ``vit_b_16`` is torchvision's ViT-B/16 with every parameter
 random (torchvision zero-initialises the head), exported by the legacy exporter at opset 17.
+``bert_base`` and ``gpt2_small`` are BERT-base and GPT-2-small sized random-weight HF models
+(``lrp_onnx.testing.text_models``) on 128 token ids (mask all ones), the LM explained at its last
+position; their reference is LXT 2.1's AttnLRP map (``attnlrp`` row only).
 
 Timing runs in ``--rounds`` rounds of adjacent blocks (forward, each compiled model, Zennit;
 each block the median of ``--repeat`` runs after 2 warm-up runs): ratios are taken within a
@@ -32,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +52,30 @@ MODELS = {  # name: (torchvision builder or None, input shape, zennit canonizer)
     "resnet50": ("resnet50", (3, 224, 224), "ResNetCanonizer"),
     "vit_b_16": ("vit_b_16", (3, 224, 224), None),
     "vit_tiny": ("vit_tiny", (3, 224, 224), None),  # 2 layers, width 192 (the tests' ViT)
+    # text models: token ids [N, T] (input shape (T,)); LMs explained at the last position
+    "bert_base": ("bert", (128,), None),
+    "gpt2_small": ("gpt2", (128,), None),
+    "bert_tiny": ("bert", (16,), None),  # the tests' sizes (2 layers, width 32)
+    "gpt2_tiny": ("gpt2", (16,), None),
 }
+#: text model name: its ``text_model_sizes`` entry (None: the tests' tiny config)
+TEXT_SIZES = {"bert_base": "bert-base", "gpt2_small": "gpt2-small", "bert_tiny": None,
+              "gpt2_tiny": None}
 COMPOSITES = ("zero", "epsilon_plus_flat")
 VIT_COMPOSITES = ("cplrp", "attnlrp")
 
 
 def is_vit(name: str) -> bool:
     return name.startswith("vit")
+
+
+def is_text(name: str) -> bool:
+    return name in TEXT_SIZES
+
+
+def is_transformer(name: str) -> bool:
+    """Compared with LXT (ViTs, text models), not Zennit."""
+    return is_vit(name) or is_text(name)
 
 
 def torch_model(name: str) -> Any:
@@ -64,6 +86,11 @@ def torch_model(name: str) -> Any:
         from lrp_onnx.testing.oracle import seed_vgg
 
         return seed_vgg(0)
+    if is_text(name):  # every parameter random (lrp_onnx.testing.text_models)
+        from lrp_onnx.testing.text_models import text_model_sizes, tiny_text_model
+
+        sizes = TEXT_SIZES[name]
+        return tiny_text_model(MODELS[name][0], 0, **(text_model_sizes[sizes] if sizes else {}))
     if is_vit(name):  # every parameter random
         from lrp_onnx.testing.transformers import tiny_vit
 
@@ -86,7 +113,11 @@ def export_model(name: str, folder: Path) -> Path:
     path = folder / f"{name}.onnx"
     if path.exists():
         return path
-    if is_vit(name):
+    if is_text(name):
+        from lrp_onnx.testing.text_models import export_text
+
+        export_text(torch_model(name), path, exporter="legacy", opset=17)
+    elif is_vit(name):
         from lrp_onnx.testing.transformers import export_vit
 
         export_vit(torch_model(name), path, exporter="legacy", opset=17)
@@ -154,12 +185,33 @@ def timed(fn: Any, repeat: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def ort_runner(sess: Any, x: np.ndarray, device: str, compiled: bool) -> Any:
+def model_inputs(name: str, n: int) -> dict[str, np.ndarray]:
+    """The inputs of one batch: images ``input``, or token ids with an all-ones mask."""
+    rng = np.random.default_rng(0)
+    if not is_text(name):
+        return {"input": rng.standard_normal((n, *MODELS[name][1])).astype(np.float32)}
+    vocab = torch_vocab(name)
+    ids = rng.integers(0, vocab, (n, *MODELS[name][1]), dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def torch_vocab(name: str) -> int:
+    from lrp_onnx.testing.text_models import text_model_sizes
+
+    sizes = TEXT_SIZES[name]
+    return int(text_model_sizes[sizes]["vocab_size"]) if sizes else 100
+
+
+def ort_runner(sess: Any, inputs: dict[str, np.ndarray], device: str, compiled: bool) -> Any:
     import onnxruntime as ort
 
-    feeds: dict[str, Any] = {sess.get_inputs()[0].name: x}
-    if compiled:
-        feeds["target"] = np.full(len(x), -1, dtype=np.int64)
+    n = len(next(iter(inputs.values())))
+    names = [i.name for i in sess.get_inputs()]
+    feeds: dict[str, Any] = {k: v for k, v in inputs.items() if k in names}
+    if compiled:  # the top class, at the last position of a sequence output
+        for seed in ("target", "target_position"):
+            if seed in names:
+                feeds[seed] = np.full(n, -1, dtype=np.int64)
     if device == "cpu":
         return lambda: sess.run(None, feeds)
     io = sess.io_binding()
@@ -224,9 +276,49 @@ def lxt_runner(name: str, x: np.ndarray, device: str, mode: str) -> Any:
     return run
 
 
-def reference_runners(name: str, x: np.ndarray, device: str,
+def lxt_text_runner(name: str, inputs: dict[str, np.ndarray], device: str) -> Any:
+    """LXT 2.1's AttnLRP map on the same text model (built after patching: LXT replaces BERT's
+    modules), explained at the last position of an LM. Its cp map cannot be applied on top in
+    the same process (``lrp_onnx.testing.text_models``), so only AttnLRP is compared."""
+    import importlib
+
+    import torch
+    from lxt.efficient import monkey_patch
+
+    kind = MODELS[name][0]
+    module = importlib.import_module(f"transformers.models.{kind}.modeling_{kind}")
+    maps = importlib.import_module(f"lxt.efficient.models.{kind}")
+    if not getattr(module, "_lrp_onnx_patched", False):
+        with warnings.catch_warnings():  # torch's LayerNorm/Dropout: patched by an earlier map
+            warnings.simplefilter("ignore")
+            monkey_patch(module, maps.attnLRP)
+        module._lrp_onnx_patched = True
+    model = torch_model(name).to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ids = torch.from_numpy(inputs["input_ids"]).to(device)
+    mask = torch.from_numpy(inputs["attention_mask"]).to(device)
+    extra = {} if kind == "bert" else {"use_cache": False}
+
+    def run() -> None:
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        out = model(inputs_embeds=emb, attention_mask=mask, **extra).logits
+        out = out if kind == "bert" else out[:, -1]
+        out[torch.arange(len(out)), out.argmax(1)].sum().backward()
+        (emb * emb.grad).sum(-1).detach()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return run
+
+
+def reference_runners(name: str, inputs: dict[str, np.ndarray], device: str,
                       composites: list[str]) -> dict[str, Any]:
     """The reference implementation per composite it is compared with."""
+    if is_text(name):
+        return {"attnlrp": lxt_text_runner(name, inputs, device)} if "attnlrp" in composites \
+            else {}
+    x = inputs["input"]
     if is_vit(name):
         return {c: lxt_runner(name, x, device, c) for c in composites if c in VIT_COMPOSITES}
     if "epsilon_plus_flat" in composites:
@@ -294,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         prepared = []
         for name in args.models.split(","):
             src = export_model(name, folder)
-            comps = (args.composites or ",".join(VIT_COMPOSITES if is_vit(name)
+            comps = (args.composites or ",".join(VIT_COMPOSITES if is_transformer(name)
                                                  else COMPOSITES)).split(",")
             compiled: dict[str, tuple[Path, dict[str, float]]] = {}
             for comp in comps:
@@ -307,11 +399,11 @@ def main(argv: list[str] | None = None) -> int:
                 fwd_sess = session(src, device, args.threads)
                 lrp_sess = {c: session(p, device, args.threads) for c, (p, _) in compiled.items()}
                 for n in (int(b) for b in args.batches.split(",")):
-                    x = np.random.default_rng(0).standard_normal(
-                        (n, *MODELS[name][1])).astype(np.float32)
-                    fwd_run = ort_runner(fwd_sess, x, device, False)
-                    lrp_run = {c: ort_runner(s, x, device, True) for c, s in lrp_sess.items()}
-                    ref_run = {} if args.no_zennit else reference_runners(name, x, device,
+                    inputs = model_inputs(name, n)
+                    fwd_run = ort_runner(fwd_sess, inputs, device, False)
+                    lrp_run = {c: ort_runner(s, inputs, device, True)
+                               for c, s in lrp_sess.items()}
+                    ref_run = {} if args.no_zennit else reference_runners(name, inputs, device,
                                                                           list(compiled))
                     # Rounds of adjacent blocks: forward, each compiled model, each reference.
                     # A ratio is taken within a round (the shared machine's speed drifts between
@@ -332,13 +424,13 @@ def main(argv: list[str] | None = None) -> int:
                         # a CNN has one reference (Zennit's EpsilonPlusFlat): every composite
                         # is compared with it; a ViT composite with LXT's own mode
                         zens = refs.get(comp) or (next(iter(refs.values())) if len(refs) == 1
-                                                  and not is_vit(name) else [])
+                                                  and not is_transformer(name) else [])
                         zen = statistics.median(zens) if zens else None
                         speedup = statistics.median(z / t for z, t in zip(zens, lrps[comp])) \
                             if zens else None
                         row = {"model": name, "device": device, "batch": n, "composite": comp,
                                "forward_ms": fwd, "lrp_ms": lrp, "ratio": ratio,
-                               "reference": ("lxt" if is_vit(name) else
+                               "reference": ("lxt" if is_transformer(name) else
                                              "zennit_epsilon_plus_flat") if zens else None,
                                "reference_ms": zen, "reference_speedup": speedup,
                                "rounds": {"forward_ms": fwds, "lrp_ms": lrps[comp],

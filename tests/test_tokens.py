@@ -276,3 +276,22 @@ def test_explain_position_options(compiled_lm: tuple[Path, dict[str, np.ndarray]
     assert main(["explain", str(tmp_path / "clf.lrp.onnx"), str(tmp_path / "five.txt"),
                  "--position", "1"]) == 1
     assert "positions apply to a sequence output" in capsys.readouterr().err
+
+
+def test_show_blocks_groups_layers_by_module_path(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """``show --blocks``: one line per run of layers sharing a module path (legacy node names
+    ``/block/op``), with each kind's count and rule."""
+    model, _ = classifier(np.random.default_rng(0), mask=True)
+    names = {"m3": "/mask/Unsqueeze", "apply_mask": "/mask/Mul", "flatten": "/head/Reshape",
+             "head": "/head/MatMul"}
+    for node in model.graph.node:
+        node.name = names.get(node.name, node.name)
+    onnx.save(model, tmp_path / "named.onnx")
+    assert main(["show", str(tmp_path / "named.onnx"), "--composite", "CPLRP", "--blocks"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("named.onnx: 3 layers")
+    assert [line.split() for line in lines[1:]] == [
+        ["1", "mask", "Mul", "=>", "EpsilonRule(epsilon=0.0)"],
+        ["2-3", "head", "Reshape", "=>", "PassRule(),", "Dense", "=>",
+         "EpsilonRule(epsilon=0.0)"]]

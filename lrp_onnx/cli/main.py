@@ -116,32 +116,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_show(args: argparse.Namespace) -> int:
-    from lrp_onnx.api import assign_rules, prepare
-    from lrp_onnx.emit.registry import resolve_entries
-
-    prep = prepare(args.model, args.output_name, input=args.input_name)
-    rules = assign_rules(prep, _composite(args))
-    resolve_entries(prep.layers, rules, prep.label, prep.graph.opset, prep.graph.shape)
-    width = max(len(str(prep.indices[la.index])) for la in prep.layers)
-
-    def line(layer: Any) -> str:
-        idx = str(prep.indices[layer.index])
-        text = f"{idx:<{width}}  {layer.summary} => {rules[layer.index]!r}"
-        # the exporter's module path where it names something (a transformer's block,
-        # attention, mlp, norm), not only positions in nn.Sequential
-        named = any(not part.isdigit() for part in layer.scope)
-        return f"{text}  # {'.'.join(layer.scope)}" if named else text
-
-    print(f"{prep.label}: {len(prep.layers)} layers")
-    if args.flat:
-        for layer in prep.layers:
-            print("  " + line(layer))
-    else:
-        print("\n".join(prep.tree.map(lambda la: la).lines(line)))
-    return 0
-
-
 # -- explain -----------------------------------------------------------------------------------
 def _preprocess(args: argparse.Namespace) -> tuple[Any, str]:
     """The image preprocessing from ``--preprocess FILE`` and the options (which win), and the
@@ -410,6 +384,14 @@ def _explain_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_explain)
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    from lrp_onnx.cli.show import show
+
+    print("\n".join(show(args.model, _composite(args), output=args.output_name,
+                          input=args.input_name, flat=args.flat, blocks=args.blocks)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Compile LRP into ONNX models and run the compiled models.")
@@ -440,7 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "SkipConnectionTuple) with each layer's index, summary and rule.")
     p.add_argument("model", metavar="MODEL", help="input .onnx model")
     _rules_options(p)
-    p.add_argument("--flat", action="store_true", help="one line per layer, no nesting")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--flat", action="store_true", help="one line per layer, no nesting")
+    how.add_argument("--blocks", action="store_true",
+                     help="one line per module path (a transformer block's attention, MLP, "
+                     "norms): its layer kinds and their rules")
     p.set_defaults(func=cmd_show)
 
     _explain_parser(sub)
