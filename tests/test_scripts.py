@@ -50,6 +50,25 @@ def test_bench_times_a_vit_against_lxt(tmp_path: Path) -> None:
         assert row["ratio"] > 0 and row["compile_s"] > 0
 
 
+def test_bench_times_text_models_against_lxt(tmp_path: Path) -> None:
+    """The text rows: a classifier and an LM on token ids, AttnLRP against LXT's attnLRP map
+    (CP-LRP timed, with no reference: LXT's maps cannot be stacked in one process)."""
+    pytest.importorskip("lxt")
+    out = tmp_path / "bench.json"
+    _run("scripts/bench.py", "--models", "bert_tiny,gpt2_tiny", "--batches", "1", "--repeat",
+         "2", "--rounds", "1", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["composite"]) for r in rows] == [
+        ("bert_tiny", "cplrp"), ("bert_tiny", "attnlrp"), ("gpt2_tiny", "cplrp"),
+        ("gpt2_tiny", "attnlrp")]
+    for row in rows:
+        assert row["ratio"] > 0 and row["compile_s"] > 0
+        if row["composite"] == "attnlrp":
+            assert row["reference"] == "lxt" and row["reference_speedup"] > 0
+        else:
+            assert row["reference"] is None
+
+
 def test_profile_reports_the_convolution_floor(tmp_path: Path) -> None:
     out = tmp_path / "profile.json"
     text = _run("scripts/profile_lrp.py", "models/seed_vgg.onnx", "--composite",
