@@ -71,7 +71,7 @@ def test_external_data_is_inlined(tmp_path) -> None:
     onnx.save(helper.make_model(graph), str(path), save_as_external_data=True,
               location="m.onnx.data", size_threshold=0)
     assert (tmp_path / "m.onnx.data").exists()
-    T._inline_external_data(path)
+    T.inline_external_data(path)
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
     loaded = onnx.load(str(path), load_external_data=False)
     np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[0]),

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from lrp_onnx.cli.inputs import InputFileError, ModelInput
+from lrp_onnx.cli.inputs import InputFileError, ModelInput, open_npy
 from lrp_onnx.emit.contract import (
     OUTPUT_RELEVANCE,
     RELEVANCE,
@@ -99,16 +99,7 @@ class Seed:
 
     def __init__(self, path: str | os.PathLike[str], spec: ModelInput, samples: int) -> None:
         self.path = path
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except OSError as exc:
-            raise InputFileError(path, f"cannot read ({exc.strerror or exc})") from None
-        except ValueError as exc:
-            raise InputFileError(path, "not a readable .npy array "
-                                 f"({str(exc).splitlines()[0]})") from None
-        if not isinstance(arr, np.ndarray) or not (np.issubdtype(arr.dtype, np.floating)
-                                                   or np.issubdtype(arr.dtype, np.integer)):
-            raise InputFileError(path, "not a .npy array of real numbers")
+        arr = open_npy(path)
         if spec.fits(arr.shape):
             arr = arr[None]
         elif not (arr.ndim == len(spec.shape) and spec.fits(arr.shape[1:])

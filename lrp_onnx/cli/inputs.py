@@ -264,8 +264,9 @@ class Plan:
     preprocess: Preprocess | None
 
 
-def _open_npy(path: Path) -> np.ndarray:
-    """A read-only memory map of ``path`` (only the header is read now)."""
+def open_npy(path: str | os.PathLike[str]) -> np.ndarray:
+    """A read-only memory map of the ``.npy`` file ``path`` (only the header is read now): an
+    array of real numbers, or a one-line :class:`InputFileError`."""
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except OSError as exc:
@@ -281,7 +282,7 @@ def _open_npy(path: Path) -> np.ndarray:
 
 
 def _npy_samples(path: Path, spec: ModelInput) -> list[Sample]:
-    arr = _open_npy(path)
+    arr = open_npy(path)
     if spec.fits(arr.shape):
         return [Sample(path)]
     if arr.ndim == len(spec.shape) and spec.fits(arr.shape[1:]):
@@ -423,7 +424,7 @@ def batches(plan: Plan, spec: ModelInput, batch_size: int, *, keep_images: bool 
             kept: np.ndarray | None = image if keep_images else None
         else:
             if s.path != open_path:
-                open_path, open_arr = s.path, _open_npy(s.path)
+                open_path, open_arr = s.path, open_npy(s.path)
             assert open_arr is not None
             try:
                 x = np.array(open_arr if s.index is None else open_arr[s.index],

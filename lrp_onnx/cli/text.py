@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from lrp_onnx.cli.argtypes import positive_int
-from lrp_onnx.cli.inputs import InputFileError
+from lrp_onnx.cli.inputs import InputFileError, open_npy
 from lrp_onnx.errors import InvalidInput
 
 #: Model inputs ``explain`` fills for a text model: the padding mask, and zeros.
@@ -54,18 +54,10 @@ def read_sequences(paths: Sequence[str]) -> list[TokenSequence]:
 
 
 def _read_npy(path: Path) -> list[np.ndarray]:
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except OSError as exc:
-        raise InputFileError(path, f"cannot read ({exc.strerror or exc})") from None
-    except ValueError as exc:
-        raise InputFileError(path, "not a readable .npy array "
-                             f"({str(exc).splitlines()[0]})") from None
-    if not isinstance(arr, np.ndarray) or not np.issubdtype(arr.dtype, np.integer) \
-            or arr.ndim not in (1, 2) or arr.size == 0:
-        shape = list(getattr(arr, "shape", []))
+    arr = open_npy(path)
+    if not np.issubdtype(arr.dtype, np.integer) or arr.ndim not in (1, 2) or arr.size == 0:
         raise InputFileError(path, f"token ids must be a non-empty integer array [T] or [N, T] "
-                             f"(got {getattr(arr, 'dtype', type(arr).__name__)} {shape})")
+                             f"(got {arr.dtype} {list(arr.shape)})")
     return [np.asarray(r, np.int64) for r in (arr[None] if arr.ndim == 1 else arr)]
 
 

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lrp_onnx.testing.transformers import _inline_external_data
+from lrp_onnx.testing.transformers import child_main, inline_external_data
 
 Kind = Literal["bert", "gpt2", "llama"]
 Exporter = Literal["legacy", "dynamo"]
@@ -232,7 +232,7 @@ def export_text(model: Any, path: str | os.PathLike[str], *, exporter: Exporter,
                               external_data=False, verbose=False, **names)
         else:
             raise ValueError(f"exporter must be 'legacy' or 'dynamo', not {exporter!r}")
-    _inline_external_data(path)
+    inline_external_data(path)
     for n, t in ((2, 8), (1, 5), (3, 11)):
         ids, mask = text_batch(n, t, model.config.vocab_size, seed=n)
         want = torch_text_logits(model, ids, mask)
@@ -368,10 +368,7 @@ def _child(work: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m lrp_onnx.testing.text_models WORKDIR``: the child of
     :func:`lxt_text_relevances`."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
-        raise SystemExit("usage: python -m lrp_onnx.testing.text_models WORKDIR")
-    _child(Path(args[0]))
+    child_main(__name__, _child, argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -157,7 +157,7 @@ def op_histogram(path: str | os.PathLike[str]) -> dict[str, int]:
     return dict(Counter(node.op_type for node in graph.node).most_common())
 
 
-def _inline_external_data(path: Path) -> None:
+def inline_external_data(path: Path) -> None:
     """Rewrite ``path`` with every tensor inline if an exporter wrote external data."""
     import onnx
     from onnx.external_data_helper import uses_external_data
@@ -229,7 +229,7 @@ def export_vit(model: Any, path: str | os.PathLike[str], *, exporter: Exporter, 
                           dynamic_shapes=shapes, external_data=False, verbose=False, **names)
     else:
         raise ValueError(f"exporter must be 'legacy' or 'dynamo', not {exporter!r}")
-    _inline_external_data(path)
+    inline_external_data(path)
     rng = np.random.default_rng(1)
     for n in (batch, batch + 1) if dynamic_batch else (batch,):
         x = rng.standard_normal((n, 3, size, size), dtype=np.float32)
@@ -373,12 +373,18 @@ def _child(work: Path) -> None:
     np.savez(work / "outputs.npz", **out)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m lrp_onnx.testing.transformers WORKDIR``: the child of :func:`lxt_relevances`."""
+def child_main(module: str, child: Callable[[Path], None],
+               argv: Sequence[str] | None = None) -> None:
+    """``python -m MODULE WORKDIR``: run an oracle's ``child`` on its work folder."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        raise SystemExit("usage: python -m lrp_onnx.testing.transformers WORKDIR")
-    _child(Path(args[0]))
+        raise SystemExit(f"usage: python -m {module} WORKDIR")
+    child(Path(args[0]))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m lrp_onnx.testing.transformers WORKDIR``: the child of :func:`lxt_relevances`."""
+    child_main(__name__, _child, argv)
 
 
 if __name__ == "__main__":
