@@ -271,7 +271,7 @@ def build_layers(graph: Graph) -> list[Layer]:
             kind = spec.reciprocal_kind  # c / x: no rule (refused with the other such nodes)
         standalone = match_activation(graph, data_in[0], exclusive=False) if data_in else None
         norm = match_layer_norm(graph, node) if node.op == "ReduceMean" else None
-        rms = match_rms_norm(graph, node) if node.op in ("Pow", "Mul") else None
+        rms = match_rms_norm(graph, node) if norm is None else None
         if norm is not None and not any(n.name in taken for n in norm.nodes):
             nodes, kind, out, pre = list(norm.nodes), "DecomposedLayerNorm", norm.output, \
                 norm.output

@@ -124,6 +124,8 @@ class RMSUnit:
         x: the normalized input.
         axes: the normalized axes (non-negative, the trailing ones).
         rms: the ``Sqrt`` output (the value held constant).
+        inv: its reciprocal ``1 / rms`` where the model computes it (``Reciprocal``,
+            ``Div(1, ·)``), else ``None`` (``x / rms``).
         gamma: the constant scale, or ``None``.
         output: the unit's output ``y``.
     """
@@ -132,6 +134,7 @@ class RMSUnit:
     x: gs.Tensor
     axes: tuple[int, ...]
     rms: gs.Tensor
+    inv: gs.Tensor | None
     gamma: gs.Tensor | None
     output: gs.Tensor
 
@@ -180,9 +183,11 @@ def match_rms_norm(graph: Graph, square: gs.Node) -> RMSUnit | None:
     if len(cons) != 1 or graph.is_graph_output(rms):
         return None
     inv = cons[0]
+    recip: gs.Tensor | None = None
     if inv.op == "Div" and inv.inputs[0] is x and inv.inputs[1] is rms:
         scaled = inv  # x / rms
     else:
+        recip = inv.outputs[0]
         one = inv.op == "Reciprocal" or (inv.op == "Div" and inv.inputs[1] is rms and
                                           _is(graph.const_value(inv.inputs[0]), 1.0))
         scaled = only_into(graph, inv.outputs[0], "Mul") if one else None
@@ -200,4 +205,4 @@ def match_rms_norm(graph: Graph, square: gs.Node) -> RMSUnit | None:
         gamma = _other(scale, out)
         nodes.append(scale)
         out = scale.outputs[0]
-    return RMSUnit(tuple(nodes), x, axes, rms, gamma, out)
+    return RMSUnit(tuple(nodes), x, axes, rms, recip, gamma, out)

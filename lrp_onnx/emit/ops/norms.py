@@ -132,5 +132,6 @@ def rms_norm(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.
             np.dtype(unit.x.dtype) != np.dtype(unit.output.dtype):  # computed in another type
         gv = b.op("Cast", gv, tag="gv/cast",
                   to=int(helper.np_dtype_to_tensor_dtype(np.dtype(unit.x.dtype))))
-    t = b.op("Div", gv, unit.rms, tag="g")
+    t = b.op("Div", gv, unit.rms, tag="g") if unit.inv is None else \
+        b.op("Mul", gv, unit.inv, tag="g")
     return [b.factored(b.op("Mul", unit.x, t, tag="R"), unit.x, t)]
