@@ -107,8 +107,6 @@ def fold_constant_nodes(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
                     and node.output[0] not in graph_outputs:
                 value = onnx.helper.get_attribute_value(attr)
                 dtype = "float32" if "float" in attr.name else "int64"
-                import numpy as np
-
                 tensor = numpy_helper.from_array(np.asarray(value, dtype=dtype), node.output[0])
                 graph.initializer.append(tensor)
                 inits.add(tensor.name)
