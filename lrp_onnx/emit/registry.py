@@ -109,6 +109,8 @@ class OpSpec:
             rank of input 0.
         product_kind: the layer kind of a node of this op whose operands are all activations
             (``MatMul`` -> ``BilinearMatMul``, a product of two activations, not a dense layer).
+        reciprocal_kind: the layer kind of a node of this op whose first operand is not data
+            and whose second is (``Div(1, x)``: a reciprocal of an activation, not a scaling).
         routes: the op only moves values (each output element is an input element or a
             constant) and its emitter only moves relevance back, so applied to ``g`` where the
             relevance is ``y * g`` it gives the ``g`` of each input (the gradient form).
@@ -136,6 +138,7 @@ class OpSpec:
     weight_rank: int | str | None = None
     routes: bool = False
     product_kind: str | None = None
+    reciprocal_kind: str | None = None
     keeps_order: bool = False
 
     @property

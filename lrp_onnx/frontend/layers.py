@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 
 from lrp_onnx.emit.registry import Kind, is_kind, spec_of
 from lrp_onnx.frontend.graph import Graph, attr
-from lrp_onnx.frontend.patterns import match_layer_norm
+from lrp_onnx.frontend.patterns import match_layer_norm, match_rms_norm
 from lrp_onnx.frontend.patterns import only_into as _only_into
 
 
@@ -266,11 +266,17 @@ def build_layers(graph: Graph) -> list[Layer]:
         data_in = graph.data_inputs(node)
         if spec is not None and spec.product_kind and len(data_in) == len(node.inputs) > 1:
             kind = spec.product_kind  # a product of activations (attention), not a weight
+        elif spec is not None and spec.reciprocal_kind and len(node.inputs) > 1 and \
+                node.inputs[0].name not in graph.data and data_in:
+            kind = spec.reciprocal_kind  # c / x: no rule (refused with the other such nodes)
         standalone = match_activation(graph, data_in[0], exclusive=False) if data_in else None
         norm = match_layer_norm(graph, node) if node.op == "ReduceMean" else None
+        rms = match_rms_norm(graph, node) if norm is None else None
         if norm is not None and not any(n.name in taken for n in norm.nodes):
             nodes, kind, out, pre = list(norm.nodes), "DecomposedLayerNorm", norm.output, \
                 norm.output
+        elif rms is not None and not any(n.name in taken for n in rms.nodes):
+            nodes, kind, out, pre = list(rms.nodes), "RMSNorm", rms.output, rms.output
         elif standalone is not None and node in standalone.nodes and \
                 not any(n.name in taken for n in standalone.nodes):
             # a multi-node activation (SiLU, Erf-GELU) is one layer of its own

@@ -11,7 +11,11 @@ memory. None of these passes changes a computed value; they rename, alias and an
   (:mod:`lrp_onnx.frontend.lowering`; the one pass that changes how a value is computed);
 * ``upgrade_opset``: models below opset 16 are converted to 17 (``ScatterElements`` needs
   ``reduction``);
-* ``infer_shapes``: static shapes and dtypes for every value.
+* ``infer_shapes``: static shapes and dtypes for every value;
+* ``static_slice_bounds``: ``Slice`` bounds computed at run time from dims that shape inference
+  fixed (legacy Llama's rotate_half slices at ``Shape(q)[3] / 2``) become constants (the one
+  other pass that changes how a value is computed: a shape read becomes the number it always
+  is).
 
 Where ONNX shape inference leaves a dim unknown that is fixed in fact (a Reshape target computed
 at run time from the batch size, ``Shape -> Gather -> Unsqueeze -> Concat``, or through ``Mod``
@@ -33,6 +37,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 from onnx import numpy_helper, version_converter
 
@@ -102,8 +107,6 @@ def fold_constant_nodes(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
                     and node.output[0] not in graph_outputs:
                 value = onnx.helper.get_attribute_value(attr)
                 dtype = "float32" if "float" in attr.name else "int64"
-                import numpy as np
-
                 tensor = numpy_helper.from_array(np.asarray(value, dtype=dtype), node.output[0])
                 graph.initializer.append(tensor)
                 inits.add(tensor.name)
@@ -173,12 +176,144 @@ def infer_shapes(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
     return model
 
 
+#: Elements of the largest initializer read as shape arithmetic by ``static_slice_bounds``.
+_SMALL = 4096
+_INT_TYPES = frozenset({onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL})
+
+
+def _static_dims(vi: onnx.ValueInfoProto) -> list[int | None] | None:
+    t = vi.type
+    if not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else None for d in t.tensor_type.shape.dim]
+
+
+class _ShapeArithmetic:
+    """Evaluates data-free integer values of a model from its constants and the dims shape
+    inference fixed: ``Shape(v)`` (or ``Gather`` of entries of it) where the dims read are
+    static, then any default-domain node with integer or boolean outputs whose inputs all have
+    values (ONNX's reference evaluator, one node at a time)."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        g = model.graph
+        self.model = model
+        self.producer = {o: n for n in g.node for o in n.output if o}
+        self.inits = {t.name: t for t in g.initializer}
+        self.dims = {vi.name: _static_dims(vi) for vi in (*g.input, *g.value_info, *g.output)}
+        self.types = {vi.name: vi.type.tensor_type.elem_type
+                      for vi in (*g.input, *g.value_info, *g.output)}
+        self.memo: dict[str, object] = {}
+
+    def shape_of(self, name: str) -> list[int | None] | None:
+        if name in self.inits:
+            return [int(d) for d in self.inits[name].dims]
+        return self.dims.get(name)
+
+    def value(self, name: str, depth: int = 0) -> np.ndarray | None:
+        if name not in self.memo:
+            self.memo[name] = self._value(name, depth)
+        found = self.memo[name]
+        return found if isinstance(found, np.ndarray) else None
+
+    def _shape_entries(self, node: onnx.NodeProto) -> list[int | None] | None:
+        dims = self.shape_of(node.input[0])
+        if dims is None:
+            return None
+        at = {a.name: a.i for a in node.attribute}
+        rank = len(dims)
+        start, end = at.get("start", 0), at.get("end", rank)
+        return dims[slice(start, end)]
+
+    def _value(self, name: str, depth: int) -> np.ndarray | None:
+        t = self.inits.get(name)
+        if t is not None:
+            size = int(np.prod(t.dims)) if len(t.dims) else 1
+            small = size <= _SMALL and t.data_location != onnx.TensorProto.EXTERNAL
+            return numpy_helper.to_array(t) if small else None
+        node = self.producer.get(name)
+        if node is None or depth > 64 or node.domain not in ("", "ai.onnx"):
+            return None
+        if node.op_type == "Shape":
+            dims = self._shape_entries(node)
+            if dims is None or any(d is None for d in dims):
+                return None
+            return np.asarray(dims, dtype=np.int64)
+        if node.op_type == "Gather" and node.input[0] in self.producer and \
+                self.producer[node.input[0]].op_type == "Shape":
+            dims = self._shape_entries(self.producer[node.input[0]])
+            idx = self.value(node.input[1], depth + 1)
+            if dims is None or idx is None:
+                return None
+            picked = [dims[int(i)] for i in np.ravel(idx) if -len(dims) <= int(i) < len(dims)]
+            if len(picked) != idx.size or any(d is None for d in picked):
+                return None
+            return np.asarray(picked, dtype=np.int64).reshape(idx.shape)
+        if any(self.types.get(o, onnx.TensorProto.UNDEFINED) not in _INT_TYPES
+               for o in node.output if o) or \
+                any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                    for a in node.attribute):
+            return None
+        ins = [n for n in node.input if n]
+        found = {n: self.value(n, depth + 1) for n in dict.fromkeys(ins)}
+        feeds = {n: v for n, v in found.items() if v is not None}
+        if not ins or len(feeds) != len(found):
+            return None
+        from onnx.reference import ReferenceEvaluator
+
+        try:
+            one = onnx.helper.make_model(
+                onnx.helper.make_graph(
+                    [node], "fold",
+                    [onnx.helper.make_tensor_value_info(
+                        n, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
+                     for n, v in feeds.items()],
+                    [onnx.helper.make_empty_tensor_value_info(o) for o in node.output if o]),
+                opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
+            values = list(ReferenceEvaluator(one).run(None, feeds))
+        except Exception:  # noqa: BLE001 - a node the evaluator cannot run stays as it is
+            return None
+        outs = [o for o in node.output if o]
+        for o, v in zip(outs, values):
+            if o != name:
+                self.memo[o] = np.asarray(v)
+        return np.asarray(values[outs.index(name)])
+
+
+def static_slice_bounds(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
+    """Replace each ``Slice`` bound (starts, ends, axes, steps) that is computed at run time
+    but from static dims and constants only by an initializer of its value, and re-run shape
+    inference if any was replaced. The nodes that computed it stay (other nodes may read
+    them); the model computes what it computed before for every input shape it accepts."""
+    arith: _ShapeArithmetic | None = None
+    inits = {t.name for t in model.graph.initializer}
+    replaced = 0
+    for node in model.graph.node:
+        if node.op_type != "Slice" or node.domain not in ("", "ai.onnx"):
+            continue
+        for i in range(1, len(node.input)):
+            name = node.input[i]
+            if not name or name in inits:
+                continue
+            arith = arith or _ShapeArithmetic(model)
+            value = arith.value(name)
+            if value is None:
+                continue
+            new = f"{name}/static"
+            if new not in inits:
+                model.graph.initializer.append(numpy_helper.from_array(value, new))
+                inits.add(new)
+            node.input[i] = new
+            replaced += 1
+    return infer_shapes(model, label) if replaced else model
+
+
 DEFAULT_PASSES: tuple[Pass, ...] = (
     Pass("name_nodes", name_nodes, "unique node names"),
     Pass("fold_constant_nodes", fold_constant_nodes, "Constant -> initializer, Identity aliasing"),
     Pass("lower_attention", lower_attention, "fused Attention -> MatMul, Softmax, MatMul"),
     Pass("upgrade_opset", upgrade_opset, "opset < 16 -> 17"),
     Pass("infer_shapes", infer_shapes, "static shapes and dtypes"),
+    Pass("static_slice_bounds", static_slice_bounds, "Slice bounds from static dims -> constant"),
 )
 
 

@@ -9,10 +9,10 @@ import onnx_graphsurgeon as gs
 
 from lrp_onnx.emit.builder import Builder
 from lrp_onnx.emit.denominators import divide
-from lrp_onnx.emit.registry import Kind, Sign, Support, declare, emitter, spec_of
+from lrp_onnx.emit.registry import Kind, Sign, Support, declare, emitter, is_kind, spec_of
 from lrp_onnx.errors import UnsupportedOp, node_label
 from lrp_onnx.frontend.graph import Graph
-from lrp_onnx.frontend.layers import Layer
+from lrp_onnx.frontend.layers import Layer, match_activation
 from lrp_onnx.rules.core import Z_RULES, GradientRule, PassRule, Rule, UniformRule, rule_eps
 
 
@@ -57,21 +57,41 @@ def _is_gate(op: str) -> bool:
     return spec is not None and spec.gate
 
 
+def _activation_output(graph: Graph, t: gs.Tensor) -> bool:
+    """Whether ``t`` is the output of an activation: a node of kind ``ACTIVATION`` or a
+    multi-node one (SiLU ``x * Sigmoid(x)``, the GELU decompositions)."""
+    node = graph.producer(t)
+    if node is None:
+        return False
+    if is_kind(node.op, Kind.ACTIVATION):
+        return True
+    for u in graph.data_inputs(node):
+        act = match_activation(graph, u, exclusive=False)
+        if act is not None and act.output is t:
+            return True
+    return False
+
+
 def _gate_index(b: Builder, layer: Layer) -> int:
     """Which of two data inputs of a ``Mul`` is the gate: the one a gate op (an op whose output
     lies in [0, 1]: Sigmoid, HardSigmoid, Softmax) made, else the one with fewer elements (a
     broadcast scale; with sizes known only at run time: the one whose dims are 1 where the
-    other's are not), else the second."""
+    other's are not), else, of two of one size, the one an activation made where the other is
+    none (SwiGLU's ``silu(gate_proj(x)) * up_proj(x)``: LXT's CP-LRP holds the SiLU branch
+    constant), else the second."""
     a, c = layer.inputs
     made = [b.graph.producer(t) for t in (a, c)]
     gated = [p is not None and _is_gate(p.op) for p in made]
     if gated[0] != gated[1]:
         return 0 if gated[0] else 1
     sizes = [b.graph.shape(t, layer.primary)[1:] for t in (a, c)]
+    acts = [_activation_output(b.graph, t) for t in (a, c)]
     if all(d is not None for size in sizes for d in size):
         counts = [int(np.prod(size)) for size in sizes]  # type: ignore[arg-type]
         if counts[0] != counts[1]:
             return 0 if counts[0] < counts[1] else 1
+        if acts[0] != acts[1]:
+            return 0 if acts[0] else 1
         return 1
     # a size known only at run time: the gate is the input whose dims are 1 where the other's
     # are not (a per-channel scale [C, 1, 1] of a [C, H, W] value)
@@ -81,6 +101,8 @@ def _gate_index(b: Builder, layer: Layer) -> int:
     smaller = [any(d == 1 and o != 1 for d, o in zip(full[i], full[1 - i])) for i in (0, 1)]
     if smaller[0] != smaller[1]:
         return 0 if smaller[0] else 1
+    if full[0] == full[1] and acts[0] != acts[1]:
+        return 0 if acts[0] else 1
     return 1
 
 
@@ -135,13 +157,14 @@ def times_input(b: Builder, x: gs.Tensor, t: gs.Tensor, out_shape: list[int | No
 
 
 # A quotient of two activations outside a recognised pattern (LayerNorm's decomposition) has no
-# rule: the layer view names it so, and it is refused with every other unsupported node at once.
-declare("DivByActivation", kind=Kind.ELEMENTWISE)
+# rule, nor has a constant divided by an activation (``Div(1, Sqrt(...))`` outside an RMSNorm):
+# the layer view names them so, and they are refused with every other unsupported node at once.
+declare("DivByActivation", "ReciprocalOfActivation", kind=Kind.ELEMENTWISE)
 
 
 @emitter("Div", rules=(*Z_RULES, PassRule), kind=Kind.MERGE, support=Support.PROPORTIONAL,
          sign=Sign.PRESERVES, sign_condition=Graph.constant_operands_nonneg,
-         product_kind="DivByActivation")
+         product_kind="DivByActivation", reciprocal_kind="ReciprocalOfActivation")
 def div(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
     """``x / c`` by a constant (or data-free) ``c``: a scaling, ZeroRule/EpsilonRule
     ``R_x = x (R' / stab(x / c)) / c``, PassRule ``R_x = R'``."""

@@ -2,7 +2,9 @@
 
 ``y = γ (x − μ(x)) / σ(x) + β`` with σ held constant: the centring is linear (ε-rule), the
 scalings by ``1/σ`` and ``γ`` are elementwise (identity) and ``β`` absorbs its share. This is
-the LN-rule of Ali et al. (ICML 2022) and what LXT computes (``std.detach()``).
+the LN-rule of Ali et al. (ICML 2022) and what LXT computes (``std.detach()``). RMS
+normalization ``y = γ x / rms(x)`` (Llama) is the same with no centring and no ``β``: with the
+rms held constant (LXT's ``LlamaRMSNorm`` patch detaches ``rsqrt``) it is an elementwise scaling.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from lrp_onnx.emit.registry import Kind, Support, emitter
 from lrp_onnx.errors import UnsupportedOp, node_label
 from lrp_onnx.frontend.graph import Graph, attr
 from lrp_onnx.frontend.layers import Layer
-from lrp_onnx.frontend.patterns import match_layer_norm
+from lrp_onnx.frontend.patterns import match_layer_norm, match_rms_norm
 from lrp_onnx.rules.core import Z_RULES, PassRule, Rule, rule_eps
 
 
@@ -106,3 +108,30 @@ def decomposed_layer_norm(b: Builder, layer: Layer, rule: Rule,
                             "axis whose size is known only at run time")
     s = divide(b, r_out, unit.output, rule_eps(rule))
     return [_ln_rule(b, unit.x, s, unit.gamma, list(unit.axes), sizes, unit.std, "Div")]
+
+
+def _rms_summary(graph: Graph, layer: Layer) -> str:
+    unit = match_rms_norm(graph, layer.primary)
+    shape = graph.shape(layer.inputs[0])
+    dims = [shape[a] for a in unit.axes] if unit is not None else []
+    return f"RMSNorm({', '.join('?' if d is None else str(d) for d in dims)})"
+
+
+@emitter("RMSNorm", kind=Kind.NORMALIZATION, rules=(*Z_RULES, PassRule),
+         groups=("LayerNormLayer",), summary=_rms_summary, support=Support.PROPORTIONAL)
+def rms_norm(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
+    """``R_x = x * γ R / stab(y) / rms`` (the rms held constant: LXT's RMSNorm rule; ``R_x = R``
+    at ε = 0), recorded in the gradient form; PassRule: ``R_x = R``."""
+    if isinstance(rule, PassRule):
+        return [r_out]
+    unit = match_rms_norm(b.graph, layer.primary)
+    assert unit is not None  # the layer view matched it
+    s = divide(b, r_out, unit.output, rule_eps(rule))
+    gv = s if unit.gamma is None else b.op("Mul", s, unit.gamma, tag="gv")
+    if unit.x.dtype is not None and unit.output.dtype is not None and \
+            np.dtype(unit.x.dtype) != np.dtype(unit.output.dtype):  # computed in another type
+        gv = b.op("Cast", gv, tag="gv/cast",
+                  to=int(helper.np_dtype_to_tensor_dtype(np.dtype(unit.x.dtype))))
+    t = b.op("Div", gv, unit.rms, tag="g") if unit.inv is None else \
+        b.op("Mul", gv, unit.inv, tag="g")
+    return [b.factored(b.op("Mul", unit.x, t, tag="R"), unit.x, t)]

@@ -296,3 +296,56 @@ def where(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Ten
             b.op("Where", cond, zero, r_out, tag=f"R{i}")
         result.append(unbroadcast(b, picked, branch, out_shape, tag=f"R{i}"))
     return result
+
+
+@emitter("Neg", kind=Kind.IDENTITY, rules=ROUTING_RULES, support=Support.ROUTING,
+         summary=lambda graph, layer: "neg")
+def neg(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
+    """``R_x = R'``: ``y = −x`` has ``x ∂y/∂x = y``, so gradient × input passes relevance
+    unchanged (recorded as ``x * (−g)`` where ``R' = y * g``)."""
+    x, y = layer.inputs[0], layer.output
+    if not b.has_factor(r_out, y):
+        return [r_out]
+    r = b.op("Identity", r_out, tag="R")
+    return [b.factored(r, x, b.later(lambda: b.op("Neg", b.factor(r_out, y), tag="g")))]
+
+
+def _shape_input_constant_or_free(b: Builder, layer: Layer) -> None:
+    node = layer.primary
+    if node.inputs[0] is not layer.inputs[0] or len(layer.inputs) != 1:
+        raise UnsupportedAttribute(f"node {node_label(node.name, node.op, b.graph.opset)}: the "
+                                   f"{'shape' if node.op == 'Expand' else 'repeats'} input "
+                                   "depends on the data")
+
+
+@emitter("Expand", groups=("ReshapingLayer",), **_MOVES)
+def expand(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
+    """``R = Σ R'`` over the broadcast axes (each input element gets the relevance of all its
+    copies: grouped-query attention's repeated keys and values)."""
+    _shape_input_constant_or_free(b, layer)
+    node = layer.primary
+    out_shape = b.graph.shape(node.outputs[0], node)
+    return [unbroadcast(b, r_out, layer.inputs[0], out_shape, tag="R")]
+
+
+@emitter("Tile", groups=("ReshapingLayer",), **_MOVES)
+def tile(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
+    """``R = Σ R'`` over the tiles (``R'`` reshaped to ``[.., repeats_i, d_i, ..]`` and summed
+    over the repeats)."""
+    _shape_input_constant_or_free(b, layer)
+    node, g = layer.primary, b.graph
+    x = layer.inputs[0]
+    repeats = g.const_ints(node, 1, "repeats") or []
+    shape = g.shape(x, node)
+    dims: list[int] = []
+    for d, r in zip(shape, repeats):
+        if d is None and r != 1:
+            raise UnsupportedAttribute(f"node {node_label(node.name, node.op, g.opset)}: tiles "
+                                       "an axis whose size is known only at run time")
+        dims += [r, -1 if d is None else d]
+    if dims.count(-1) > 1:
+        raise UnsupportedAttribute(f"node {node_label(node.name, node.op, g.opset)}: more than "
+                                   "one axis of run-time size")
+    split = b.op("Reshape", r_out, b.ints(dims), tag="R/split")
+    return [b.op("ReduceSum", split, b.ints(list(range(0, 2 * len(shape), 2))), tag="R",
+                 keepdims=0)]
