@@ -10,7 +10,8 @@ Checked per export and composite:
 * the per-token relevance equals LXT's ``(emb * emb.grad).sum(-1)`` per sample (relative L2
   <= 1e-4, correlation >= 0.9999), also on the tokens other than the most relevant one (a
   classifier puts much of its relevance on [CLS]); padded tokens get none;
-* the compiled model's logits are the original model's;
+* the compiled model's logits are the original model's; Llama under CP-LRP (no biases)
+  conserves: the tokens' relevance sums to the explained logit;
 * the batch equals its samples explained one at a time, unpadded;
 * every compiled graph stays inside ONNX Runtime's CUDA kernels (``cuda_gaps``).
 
@@ -112,6 +113,10 @@ def test_text_model_equals_lxt(kind: str, exporter: str, opset: int, composite: 
     ref_rest = [r[k] for r, k in zip(ref["relevance"], keep)]
     assert_agreement(np.stack(rest), np.stack(ref_rest), f"{label} without the top token")
     assert np.all(expl.relevance[mask == 0] == 0)
+    if kind == "llama" and composite == "CPLRP":  # no biases, no softmax rule: conserved
+        scores = expl.output[np.arange(N), position]
+        logit = scores[np.arange(N), expl.target]
+        np.testing.assert_allclose(expl.relevance.sum(1), logit, rtol=1e-5)
     # one sample at a time, without padding, gives the same relevance
     for i in range(N):
         real = int(mask[i].sum())
