@@ -9,6 +9,9 @@ rms held constant (LXT's ``LlamaRMSNorm`` patch detaches ``rsqrt``) it is an ele
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import helper
@@ -85,15 +88,22 @@ def _ln_rule(b: Builder, x: gs.Tensor, s: gs.Tensor, gamma: gs.Tensor | None, ax
     return b.factored(b.op("Mul", x, t, tag="R"), x, t)
 
 
-def _decomposed_summary(graph: Graph, layer: Layer) -> str:
-    unit = match_layer_norm(graph, layer.primary)
-    shape = graph.shape(layer.inputs[0])
-    dims = [shape[a] for a in unit.axes] if unit is not None else []
-    return f"LayerNorm({', '.join('?' if d is None else str(d) for d in dims)})"
+def _unit_summary(name: str, match: Callable[[Graph, gs.Node], Any]
+                  ) -> Callable[[Graph, Layer], str]:
+    """``name(sizes of the normalized axes)`` of a matched multi-node norm."""
+
+    def summary(graph: Graph, layer: Layer) -> str:
+        unit = match(graph, layer.primary)
+        shape = graph.shape(layer.inputs[0])
+        dims = [shape[a] for a in unit.axes] if unit is not None else []
+        return f"{name}({', '.join('?' if d is None else str(d) for d in dims)})"
+
+    return summary
 
 
 @emitter("DecomposedLayerNorm", kind=Kind.NORMALIZATION, rules=(*Z_RULES, PassRule),
-         groups=("LayerNormLayer",), summary=_decomposed_summary, support=Support.PROPORTIONAL)
+         groups=("LayerNormLayer",), summary=_unit_summary("LayerNorm", match_layer_norm),
+         support=Support.PROPORTIONAL)
 def decomposed_layer_norm(b: Builder, layer: Layer, rule: Rule,
                           r_out: gs.Tensor) -> list[gs.Tensor | None]:
     """The LN rule on ``(x − mean) / σ [* γ] [+ β]`` spelled out in elementwise ops: ``R_x = x *
@@ -110,15 +120,11 @@ def decomposed_layer_norm(b: Builder, layer: Layer, rule: Rule,
     return [_ln_rule(b, unit.x, s, unit.gamma, list(unit.axes), sizes, unit.std, "Div")]
 
 
-def _rms_summary(graph: Graph, layer: Layer) -> str:
-    unit = match_rms_norm(graph, layer.primary)
-    shape = graph.shape(layer.inputs[0])
-    dims = [shape[a] for a in unit.axes] if unit is not None else []
-    return f"RMSNorm({', '.join('?' if d is None else str(d) for d in dims)})"
 
 
 @emitter("RMSNorm", kind=Kind.NORMALIZATION, rules=(*Z_RULES, PassRule),
-         groups=("LayerNormLayer",), summary=_rms_summary, support=Support.PROPORTIONAL)
+         groups=("LayerNormLayer",), summary=_unit_summary("RMSNorm", match_rms_norm),
+         support=Support.PROPORTIONAL)
 def rms_norm(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
     """``R_x = x * γ R / stab(y) / rms`` (the rms held constant: LXT's RMSNorm rule; ``R_x = R``
     at ε = 0), recorded in the gradient form; PassRule: ``R_x = R``."""
