@@ -19,7 +19,9 @@ It runs the original and the compiled model on seeded random inputs and reports,
 
 A model compiled with ``output_relevance=True`` is run with a seeded random seed tensor
 (uniform in [0, 1), shaped like the explained output); a model with several float inputs gets
-random values for every one (the record names the explained one, or pass ``input``).
+random values for every one (the record names the explained one, or pass ``input``). A model
+compiled on token ids gets random ids within its embedding's rows, all-ones masks and
+``TOKENS`` positions where the sequence length is dynamic, explained at the last position.
 
 Tolerances are float32's: outputs within ``OUTPUT_RTOL`` of the original's largest magnitude
 (ONNX Runtime may fuse the forward nodes differently once they have more consumers).
@@ -43,6 +45,7 @@ from lrp_onnx.emit.contract import (
     RELEVANCE,
     SEED_OUTPUT_RELEVANCE,
     TARGET,
+    TARGET_POSITION,
     read_record,
     seed_mode,
     strip_compiled,
@@ -128,10 +131,40 @@ def _is_compiled(model: onnx.ModelProto) -> bool:
             and any(o.name == RELEVANCE for o in model.graph.output))
 
 
-def _random_feeds(model: onnx.ModelProto, rng: np.random.Generator, n: int, label: str
-                  ) -> dict[str, np.ndarray]:
+#: Sequence length of the random token ids where the model's is dynamic.
+TOKENS = 8
+
+
+def _token_feeds(model: onnx.ModelProto, record: dict[str, Any], rng: np.random.Generator,
+                 n: int) -> dict[str, np.ndarray]:
+    """Feeds of a model compiled on token ids: uniform ids in the embedding's rows for the
+    explained input, ones for every ``*mask*`` input, zeros for the other integer inputs
+    (``token_type_ids``); ``TOKENS`` positions where the length is dynamic."""
+    inits = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else (n if k == 0 else TOKENS)
+                 for k, d in enumerate(tt.shape.dim)]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if vi.name == record.get("explained_input"):
+            feeds[vi.name] = rng.integers(0, int(record["tokens"]), shape).astype(dtype)
+        elif np.issubdtype(dtype, np.floating) and "mask" not in vi.name.lower():
+            feeds[vi.name] = np.clip(rng.standard_normal(shape), -3, 3).astype(dtype)
+        else:
+            feeds[vi.name] = np.full(shape, int("mask" in vi.name.lower()), dtype)
+    return feeds
+
+
+def _random_feeds(model: onnx.ModelProto, rng: np.random.Generator, n: int, label: str,
+                  record: dict[str, Any]) -> dict[str, np.ndarray]:
     """Standard normal values, clipped to [-3, 3] (the range of normalized image inputs), for
-    every data input of ``model`` in graph order (one draw for a one-input model, as ever)."""
+    every data input of ``model`` in graph order (one draw for a one-input model, as ever);
+    token ids and their masks for a model compiled on token ids (``record``)."""
+    if record.get("tokens"):
+        return _token_feeds(model, record, rng, n)
     inits = {t.name for t in model.graph.initializer}
     names = [i.name for i in model.graph.input if i.name not in inits]
     feeds = {}
@@ -155,12 +188,15 @@ def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], device: str
     return dict(zip(names, session.run(names, feeds))), session.get_providers()[0]
 
 
-def _sums(values: np.ndarray) -> np.ndarray:
-    out: np.ndarray = values.reshape(values.shape[0], -1).astype(np.float64).sum(axis=1)
+def _sums(values: np.ndarray, n: int) -> np.ndarray:
+    """Per-sample sums of a batch of ``n``; a leading axis that merged the batch with others
+    (``[N T, D]`` in a text model's dense layers, batch-major) is split back."""
+    out: np.ndarray = values.reshape(n, -1).astype(np.float64).sum(axis=1)
     return out
 
 
-def _conservation(analyzer: LRP, outs: dict[str, np.ndarray]) -> tuple[CheckResult, bool]:
+def _conservation(analyzer: LRP, outs: dict[str, np.ndarray], n: int
+                  ) -> tuple[CheckResult, bool]:
     """Per-layer check; returns the result and whether every layer conserves."""
     checked, skipped, worst, failed = 0, [], 0.0, []
     for layer, rule in zip(analyzer.layers, analyzer.rules):
@@ -174,8 +210,8 @@ def _conservation(analyzer: LRP, outs: dict[str, np.ndarray]) -> tuple[CheckResu
         if not conserving(layer, rule):
             skipped.append(i)
             continue
-        r_out = sum(_sums(v) for v in received)
-        r_in = sum((_sums(v) for v in sent), np.zeros_like(r_out))
+        r_out = sum(_sums(v, n) for v in received)
+        r_in = sum((_sums(v, n) for v in sent), np.zeros_like(r_out))
         scale = np.maximum(np.abs(r_out), 1e-12)
         err = float(np.max(np.abs(r_in - r_out) / scale))
         checked += 1
@@ -235,10 +271,12 @@ def check_model(model: Any, rules_or_composite: Any = None, *, samples: int = 4,
         results.append(CheckResult("onnx_checker", False, str(exc).strip().splitlines()[0]))
 
     rng = np.random.default_rng(seed)
-    feeds = _random_feeds(original, rng, samples, label)
+    feeds = _random_feeds(original, rng, samples, label, read_record(product))
     n = next(iter(feeds.values())).shape[0]  # a static batch dimension wins over ``samples``
     orig_outs, _ = _run(original, feeds, device)
     seed_feed: dict[str, np.ndarray] = {TARGET: np.full((n,), -1, dtype=np.int64)}
+    if any(i.name == TARGET_POSITION for i in product.graph.input):
+        seed_feed[TARGET_POSITION] = np.full((n,), -1, dtype=np.int64)
     if output_relevance:
         like = orig_outs[output or original.graph.output[0].name]
         seed_feed = {OUTPUT_RELEVANCE: rng.random(like.shape).astype(like.dtype)}
@@ -281,14 +319,14 @@ def check_model(model: Any, rules_or_composite: Any = None, *, samples: int = 4,
         results.append(CheckResult("conservation_layers", None, "rules unknown"))
         results.append(CheckResult("conservation_total", None, "rules unknown"))
         return report
-    layer_result, all_conserve = _conservation(audit, audit_outs)
+    layer_result, all_conserve = _conservation(audit, audit_outs, n)
     results.append(layer_result)
     if output_relevance:
-        seed_sum, seed_name = _sums(seed_feed[OUTPUT_RELEVANCE]), "output_relevance"
+        seed_sum, seed_name = _sums(seed_feed[OUTPUT_RELEVANCE], n), "output_relevance"
     else:
-        seed_sum = np.ones(n) if normalize else _seed_logits(audit_outs)
+        seed_sum = np.ones(n) if normalize else _seed_logits(audit_outs, n)
         seed_name = "1" if normalize else "logit"
-    totals = _sums(rel)
+    totals = _sums(rel, n)
     err = float(np.max(np.abs(totals - seed_sum) / np.maximum(np.abs(seed_sum), 1e-12)))
     sums = ", ".join(f"{t:.6g}" for t in totals)
     if all_conserve:
@@ -303,12 +341,12 @@ def check_model(model: Any, rules_or_composite: Any = None, *, samples: int = 4,
     return report
 
 
-def _seed_logits(outs: dict[str, np.ndarray]) -> np.ndarray:
+def _seed_logits(outs: dict[str, np.ndarray], n: int) -> np.ndarray:
     """Per-sample seed when relevance starts at the logit: what arrives at the output of the
     last layer relevance reaches (the layer computing the logits)."""
     last = max(int(k[len(AUDIT_PREFIX):].split("_")[0]) for k in outs
                if k.startswith(AUDIT_PREFIX))
-    arrived = [_sums(v) for k, v in outs.items()
+    arrived = [_sums(v, n) for k, v in outs.items()
                if k == f"{AUDIT_PREFIX}{last}" or k.startswith(f"{AUDIT_PREFIX}{last}_")]
     total: np.ndarray = np.sum(arrived, axis=0)
     return total

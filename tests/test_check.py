@@ -142,9 +142,9 @@ def test_check_reports_a_layer_that_loses_relevance(rng: np.random.Generator,
     """A conserving layer that loses relevance (simulated: its input relevance halved)."""
     real = check._conservation
 
-    def halve(analyzer: LRP, outs: dict[str, np.ndarray]) -> Any:
+    def halve(analyzer: LRP, outs: dict[str, np.ndarray], n: int) -> Any:
         outs = dict(outs, relevance_in_2=outs["relevance_in_2"] * 0.5)
-        return real(analyzer, outs)
+        return real(analyzer, outs, n)
 
     monkeypatch.setattr(check, "_conservation", halve)
     report = check.check_model(_bias_free_net(rng).model(), None)

@@ -295,3 +295,30 @@ def test_show_blocks_groups_layers_by_module_path(tmp_path: Path,
         ["1", "mask", "Mul", "=>", "EpsilonRule(epsilon=0.0)"],
         ["2-3", "head", "Reshape", "=>", "PassRule(),", "Dense", "=>",
          "EpsilonRule(epsilon=0.0)"]]
+
+
+def test_check_feeds_token_ids_and_follows_conservation(rng: np.random.Generator,
+                                                        tmp_path: Path) -> None:
+    """``check_model`` on token-id models: ids within the table, the dynamic sequence length
+    filled; ε = 0 without biases conserves per layer and in total. A summand that is not data
+    (a position embedding) absorbs its share and is not counted as conserving."""
+    from lrp_onnx.check import check_model
+
+    for model in (classifier(rng, mask=True)[0], language_model(rng, static=False)[0]):
+        report = check_model(model, GRADIENT, samples=3)
+        assert report.ok, report.results
+        verdicts = {r.name: r.ok for r in report.results}
+        assert verdicts["conservation_layers"] and verdicts["conservation_total"], report.results
+    model, _ = language_model(rng, static=False)
+    pos = numpy_helper.from_array(rng.standard_normal((1, 1, D)).astype(np.float32), "pos")
+    model.graph.initializer.append(pos)
+    gather = next(n for n in model.graph.node if n.op_type == "Gather")
+    model.graph.node.insert(list(model.graph.node).index(gather) + 1, helper.make_node(
+        "Add", ["emb", "pos"], ["emb_pos"], name="add_position"))
+    for node in model.graph.node:
+        if node.name == "lm_head":
+            node.input[0] = "emb_pos"
+    report = check_model(model, GRADIENT, samples=2)
+    layers = next(r for r in report.results if r.name == "conservation_layers")
+    assert layers.ok and "not checked: 1" in layers.detail, layers.detail
+    assert next(r for r in report.results if r.name == "conservation_total").ok is None

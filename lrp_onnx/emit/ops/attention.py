@@ -26,7 +26,8 @@ def _softmax_summary(graph: Graph, layer: Layer) -> str:
 
 
 @emitter("Softmax", kind=Kind.OUTPUT, rules=Z_RULES, head=True, sign=Sign.NONNEG, gate=True,
-         groups=("SoftmaxLayer",), summary=_softmax_summary)
+         groups=("SoftmaxLayer",), summary=_softmax_summary,
+         conserves=lambda layer, rule: False)  # Σ R_x = Σ x R − (Σ x s) Σ R
 def softmax(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
     """AttnLRP's softmax rule ``R_x = x * (R - s * sum(R))`` along the axis (``-inf`` x -> 0).
 

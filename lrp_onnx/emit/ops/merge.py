@@ -9,7 +9,16 @@ import onnx_graphsurgeon as gs
 
 from lrp_onnx.emit.builder import Builder
 from lrp_onnx.emit.denominators import divide
-from lrp_onnx.emit.registry import Kind, Sign, Support, declare, emitter, is_kind, spec_of
+from lrp_onnx.emit.registry import (
+    Kind,
+    Sign,
+    Support,
+    conserves_default,
+    declare,
+    emitter,
+    is_kind,
+    spec_of,
+)
 from lrp_onnx.errors import UnsupportedOp, node_label
 from lrp_onnx.frontend.graph import Graph
 from lrp_onnx.frontend.layers import Layer, match_activation
@@ -30,13 +39,22 @@ def unbroadcast(b: Builder, value: gs.Tensor, like: gs.Tensor, node_shape: list[
     return value
 
 
+def summands_are_data(layer: Layer, rule: Rule) -> bool:
+    """A sum passes on all it receives (up to the stabilizer) when every summand is data; a
+    constant or data-free summand (a position embedding) absorbs its share."""
+    data = {t.name for t in layer.inputs}
+    return conserves_default(layer, rule) and all(
+        t.name in data for t in layer.primary.inputs if t.name)
+
+
 #: Facts of the ops that combine data values elementwise.
 _MERGE: dict[str, Any] = {"kind": Kind.MERGE, "sign": Sign.PRESERVES,
           "sign_condition": Graph.constant_operands_nonneg, "support": Support.PROPORTIONAL}
 
 
-@emitter("Add", "Sum", rules=Z_RULES, merges=True, **_MERGE)
-@emitter("Sub", kind=Kind.MERGE, rules=Z_RULES, merges=True, support=Support.PROPORTIONAL)
+@emitter("Add", "Sum", rules=Z_RULES, merges=True, conserves=summands_are_data, **_MERGE)
+@emitter("Sub", kind=Kind.MERGE, rules=Z_RULES, merges=True, support=Support.PROPORTIONAL,
+         conserves=summands_are_data)
 def add(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
     """Proportional split ``R_i = x_i * R / stab(sum_j x_j)`` (a subtrahend counts as ``-x``);
     constant summands absorb theirs."""

@@ -18,7 +18,7 @@ from onnx import helper
 
 from lrp_onnx.emit.builder import Builder
 from lrp_onnx.emit.denominators import divide
-from lrp_onnx.emit.registry import Kind, Support, emitter
+from lrp_onnx.emit.registry import Kind, Support, conserves_default, emitter
 from lrp_onnx.errors import UnsupportedOp, node_label
 from lrp_onnx.frontend.graph import Graph, attr
 from lrp_onnx.frontend.layers import Layer
@@ -48,8 +48,26 @@ def _inv_std(b: Builder, node: gs.Node) -> gs.Tensor:
     return inv
 
 
+def _unshifted(layer: Layer, rule: Rule) -> bool:
+    """LN's rule passes on all it receives when no shift β is added after the normalization
+    (``Σ R_x = Σ R (y − β) / y``): no β input, a zero one, or no final ``Add`` of a spelled-out
+    LayerNorm."""
+    if not conserves_default(layer, rule):
+        return False
+    node = layer.primary
+    if node.op == "LayerNormalization":
+        shift = node.inputs[2] if len(node.inputs) > 2 else None
+    else:  # a spelled-out LayerNorm ends in its Div, the Mul by γ or the Add of a constant β
+        last = layer.output.inputs[0]
+        shift = next((t for t in last.inputs if isinstance(t, gs.Constant)), None) \
+            if last.op == "Add" else None
+    return shift is None or not shift.name or (
+        isinstance(shift, gs.Constant) and not np.any(shift.values))
+
+
 @emitter("LayerNormalization", kind=Kind.NORMALIZATION, rules=(*Z_RULES, PassRule),
-         groups=("LayerNormLayer",), summary=_summary, support=Support.PROPORTIONAL)
+         groups=("LayerNormLayer",), summary=_summary, support=Support.PROPORTIONAL,
+         conserves=_unshifted)
 def layer_normalization(b: Builder, layer: Layer, rule: Rule,
                         r_out: gs.Tensor) -> list[gs.Tensor | None]:
     """``R_x = x * (gv − mean(gv)) / σ``, ``gv = γ R / stab(y)`` over the normalized axes (σ held
@@ -103,7 +121,7 @@ def _unit_summary(name: str, match: Callable[[Graph, gs.Node], Any]
 
 @emitter("DecomposedLayerNorm", kind=Kind.NORMALIZATION, rules=(*Z_RULES, PassRule),
          groups=("LayerNormLayer",), summary=_unit_summary("LayerNorm", match_layer_norm),
-         support=Support.PROPORTIONAL)
+         support=Support.PROPORTIONAL, conserves=_unshifted)
 def decomposed_layer_norm(b: Builder, layer: Layer, rule: Rule,
                           r_out: gs.Tensor) -> list[gs.Tensor | None]:
     """The LN rule on ``(x − mean) / σ [* γ] [+ β]`` spelled out in elementwise ops: ``R_x = x *
