@@ -322,3 +322,19 @@ def test_check_feeds_token_ids_and_follows_conservation(rng: np.random.Generator
     layers = next(r for r in report.results if r.name == "conservation_layers")
     assert layers.ok and "not checked: 1" in layers.detail, layers.detail
     assert next(r for r in report.results if r.name == "conservation_total").ok is None
+
+
+def test_explicit_seed_on_a_sequence_output(rng: np.random.Generator) -> None:
+    """``output_relevance=True``: the seed ``[N, T, V]`` as given (no ``target_position``);
+    a one-hot seed at (position, class) equals the ``target``/``position`` seed."""
+    model, _ = language_model(rng)
+    seeded = LRP(model, GRADIENT, output_relevance=True)
+    assert [i.name for i in seeded.model.graph.input] == ["input_ids", "output_relevance"]
+    ids = rng.integers(0, V, (2, T))
+    seed = np.zeros((2, T, V), np.float32)
+    seed[0, 1, 4] = seed[1, T - 1, 7] = 1.0
+    got = seeded.analyze(ids, output_relevance=seed).relevance
+    by_target = LRP(model, GRADIENT)
+    want = np.concatenate([by_target.analyze(ids[:1], 4, position=1).relevance,
+                           by_target.analyze(ids[1:], 7, position=-1).relevance])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
