@@ -1,11 +1,10 @@
-"""``evaluate``: score attribution methods by perturbation on a model's own data, in ONNX Runtime."""
+"""``evaluate``: score attribution methods by perturbation on a model's data, in ONNX Runtime."""
 
 from __future__ import annotations
 
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import onnx
