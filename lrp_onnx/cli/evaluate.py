@@ -30,13 +30,17 @@ def _read(path: str, what: str) -> np.ndarray:
     return arr
 
 
+RANKED_BY = {"aopc": "AOPC MoRF (higher is better)", "srg": "SRG (higher is better)",
+             "accuracy_morf_mean": "ROAD's MoRF accuracy (lower is better)"}
+
+
 def _settings_line(settings: dict[str, Any]) -> str:
     p = settings["patch"]
     what = "pixel" if p == 1 else f"{p}x{p} region"
     return (f"{settings['model']}: {settings['metric']}, {settings['replacement']} replacement, "
             f"{settings['steps']} steps over {settings['features']} {what}s, seed "
             f"{settings['seed']}, {settings['samples']} samples; {settings['score']}; "
-            f"ranked by {settings['ranked_by']}")
+            f"ranked by {RANKED_BY[settings['ranked_by']]}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
