@@ -301,3 +301,27 @@ def test_cli_bad_inputs(digits: tuple[Path, Path], tmp_path: Path) -> None:
         assert words in err, err
         assert "Traceback" not in err
         assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.npy", "short.npy"]
+
+
+def test_bench_script_runs_and_agrees_with_torch(tmp_path: Path) -> None:
+    """scripts/bench_evaluate.py (smoke size): both sides run and give the same AOPC; no time
+    is asserted."""
+    pytest.importorskip("zennit")
+    pytest.importorskip("sklearn")
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_evaluate",
+                                                  ROOT / "scripts" / "bench_evaluate.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    with redirect_stdout(io.StringIO()):
+        assert bench.main(["--samples", "20", "--steps", "4", "--repeat", "1",
+                           "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    for method in figures["methods"]:
+        assert figures["aopc_onnx"][method] == pytest.approx(figures["aopc_torch"][method],
+                                                             rel=1e-4, abs=1e-4)
