@@ -325,3 +325,14 @@ def test_bench_script_runs_and_agrees_with_torch(tmp_path: Path) -> None:
     for method in figures["methods"]:
         assert figures["aopc_onnx"][method] == pytest.approx(figures["aopc_torch"][method],
                                                              rel=1e-4, abs=1e-4)
+
+
+def test_rule_file_method(digits: tuple[Path, Path], tmp_path: Path) -> None:
+    """A rule file is a method; it scores as the preset it spells."""
+    x, y = digits
+    rules = tmp_path / "rules.toml"
+    rules.write_text('preset = "EpsilonPlusFlat"\n')
+    xs, ys = np.load(x)[:40], np.load(y)[:40]
+    result = evaluate(MODELS / "digits_cnn.onnx", xs, ys, [str(rules), "EpsilonPlusFlat"],
+                      steps=8)
+    np.testing.assert_array_equal(result[str(rules)].morf, result["EpsilonPlusFlat"].morf)

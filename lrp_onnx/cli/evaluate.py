@@ -57,7 +57,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                                                        np.integer):
         raise InvalidInput(f"{args.labels}: expected {len(x)} integer labels (one per sample "
                            f"of {args.data}), got {labels.dtype} {list(labels.shape)}")
-    progress = Progress(len(args.method), args.progress)
+    progress = Progress(len(x) * len(args.method), args.progress)
     try:
         result = evaluate(args.model, x, labels, args.method, metric=args.metric,
                           replacement=args.replacement, steps=args.steps, patch=args.patch,

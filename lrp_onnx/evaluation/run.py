@@ -9,8 +9,8 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
+import lrp_onnx.evaluation.perturbation as P
 from lrp_onnx.errors import InvalidInput
-from lrp_onnx.evaluation import perturbation as P
 from lrp_onnx.evaluation.methods import Attributors, Method, check_given, parse_method
 from lrp_onnx.evaluation.results import Evaluation, MethodResult
 
