@@ -34,9 +34,9 @@ RULE_FILE_SUFFIXES = (".toml", ".json")
 
 @dataclass(frozen=True)
 class Method:
-    """One parsed method: ``kind`` is ``"lrp"``, ``"gradient"``, ``"gxi"``, ``"ig"``,
-    ``"random"`` or ``"given"`` (attributions passed in); ``absolute``: features are ranked by
-    ``|a|`` (Gradient, as usual for sensitivity) instead of the signed ``a``."""
+    """One parsed method: ``kind`` is ``"lrp"`` (``composite`` set), ``"gradient"``, ``"gxi"``,
+    ``"ig"`` (``steps`` set) or ``"random"``; ``absolute``: features are ranked by ``|a|``
+    (Gradient, as usual for a sensitivity) instead of the signed ``a``."""
 
     spec: str
     kind: str
