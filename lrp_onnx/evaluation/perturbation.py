@@ -33,6 +33,8 @@ MAX_DEFAULT_STEPS = 64
 DEFAULT_REGION = 2
 #: Standard deviation of ROAD's imputation noise, as a fraction of the data's range.
 ROAD_NOISE = 0.01
+#: Pixels per block of ROAD's imputation solve (a block of float64 arrays fits the L2 cache).
+IMPUTE_BLOCK = 1 << 15
 #: Gaussian blur's standard deviation (pixels) for ``replacement="blur"``.
 BLUR_SIGMA = 1.0
 
@@ -145,16 +147,14 @@ def blur(x: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def _neighbours(v: np.ndarray) -> np.ndarray:
-    """``sum_n w_n v_n`` over each pixel's in-image neighbours (1/6 direct, 1/12 diagonal)."""
-    h, w = v.shape[-2:]
+    """``sum_n w_n v_n`` over each pixel's in-image neighbours (1/6 direct, 1/12 diagonal).
+
+    The stencil is ``[1 2 1]ᵀ [1 2 1] / 12`` less its centre (``4/12``): two 3-tap passes over
+    the zero-padded image instead of eight shifted adds."""
     padded = np.pad(v, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    acc = np.zeros_like(v)
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            if (dy, dx) != (0, 0):
-                wt = 1 / 6 if dy == 0 or dx == 0 else 1 / 12
-                acc += wt * padded[:, :, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
-    return acc
+    rows = padded[:, :, :-2] + 2 * padded[:, :, 1:-1] + padded[:, :, 2:]
+    both: np.ndarray = rows[..., :-2] + 2 * rows[..., 1:-1] + rows[..., 2:]
+    return both / 12 - v / 3
 
 
 def impute(x: np.ndarray, removed: np.ndarray, noise: np.ndarray) -> np.ndarray:
@@ -163,20 +163,29 @@ def impute(x: np.ndarray, removed: np.ndarray, noise: np.ndarray) -> np.ndarray:
     count with their imputed values), plus ``noise``. ``removed``: ``[B, 1, H, W]`` bool.
 
     The linear system (symmetric positive definite: diagonally dominant) is solved by conjugate
-    gradients, batched over samples and channels, to a residual of 1e-6 of the data's scale."""
+    gradients, batched over samples and channels, to a residual of 1e-6 of the data's scale; in
+    blocks of samples small enough to stay in the CPU cache."""
     mask = np.broadcast_to(removed, x.shape)
+    scale = max(float(np.abs(x).max()), 1.0) if x.size else 1.0
+    per = max(1, IMPUTE_BLOCK // max(x[0].size, 1))
+    solved = [_solve(x[i:i + per], mask[i:i + per], scale) for i in range(0, len(x), per)]
+    u = np.concatenate(solved) if solved else np.zeros(x.shape)
+    return np.where(mask, u + noise, x).astype(x.dtype)
+
+
+def _solve(x: np.ndarray, mask: np.ndarray, scale: float) -> np.ndarray:
+    """The imputed values (0 where not ``mask``) of one block, by conjugate gradients."""
     kept = np.where(mask, 0.0, x.astype(np.float64))
     norm = _neighbours(np.ones((1, 1, *x.shape[2:])))
 
     def apply(u: np.ndarray) -> np.ndarray:
         return np.where(mask, norm * u - _neighbours(u), 0.0)
 
-    rhs = np.where(mask, _neighbours(kept), 0.0)
-    u = np.zeros_like(rhs)
-    r = rhs.copy()
+    r = np.where(mask, _neighbours(kept), 0.0)
+    u = np.zeros_like(r)
     d = r.copy()
     rr = (r * r).sum(axis=(2, 3), keepdims=True)
-    tol = (1e-6 * max(float(np.abs(x).max()), 1.0)) ** 2
+    tol = (1e-6 * scale) ** 2
     for _ in range(int(mask[0, 0].size)):
         if rr.max() <= tol:
             break
@@ -187,7 +196,7 @@ def impute(x: np.ndarray, removed: np.ndarray, noise: np.ndarray) -> np.ndarray:
         rr_new = (r * r).sum(axis=(2, 3), keepdims=True)
         d = r + rr_new / np.maximum(rr, 1e-300) * d
         rr = rr_new
-    return np.where(mask, u + noise, x).astype(x.dtype)
+    return u
 
 
 def perturbed(x: np.ndarray, values: np.ndarray | None, noise: np.ndarray | None,
