@@ -336,3 +336,28 @@ def test_rule_file_method(digits: tuple[Path, Path], tmp_path: Path) -> None:
     result = evaluate(MODELS / "digits_cnn.onnx", xs, ys, [str(rules), "EpsilonPlusFlat"],
                       steps=8)
     np.testing.assert_array_equal(result[str(rules)].morf, result["EpsilonPlusFlat"].morf)
+
+
+def test_fashion_model_and_its_reader(tmp_path: Path) -> None:
+    """models/fashion_cnn.onnx classifies most of its shipped samples; the idx reader of
+    scripts/train_fashion.py reads the format's header."""
+    import gzip
+    import importlib.util
+
+    from conftest import ROOT
+
+    x = np.load(MODELS / "fashion_samples.npy")
+    y = np.load(MODELS / "fashion_labels.npy")
+    assert x.shape == (200, 1, 28, 28) and x.dtype == np.float32 and y.shape == (200,)
+    logits = ort_session(MODELS / "fashion_cnn.onnx").run(None, {"input": x})[0]
+    assert (logits.argmax(axis=1) == y).mean() > 0.8
+    spec = importlib.util.spec_from_file_location("train_fashion",
+                                                  ROOT / "scripts" / "train_fashion.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    path = tmp_path / "t-images-idx3-ubyte.gz"
+    header = bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in images.shape)
+    path.write_bytes(gzip.compress(header + images.tobytes()))
+    np.testing.assert_array_equal(script.read_idx(path), images)
