@@ -291,16 +291,23 @@ def test_cli_bad_inputs(digits: tuple[Path, Path], tmp_path: Path) -> None:
          "missing.npy: cannot read data"),
         ([str(x), "--labels", str(y), "--method", "Random", "--metric", "pixel-flipping",
           "--patch", "2"], "pixel flipping perturbs single pixels"),
+        ([str(x), "--labels", str(y), "--method", "Random", "--steps", "65"],
+         "steps must be in [1, 64]"),
     ]
+    compiled = tmp_path / "compiled.onnx"
+    assert _cli("convert", model, str(compiled))[0] == 0
+    cases.append(([str(x), "--labels", str(y), "--method", "Random"], "this is a compiled model"))
     for args, words in cases:
         out_json, out_png = tmp_path / "r.json", tmp_path / "c.png"
-        code, _, err = _cli("evaluate", model, *args, "--json", str(out_json),
+        which = str(compiled) if "compiled" in words else model
+        code, _, err = _cli("evaluate", which, *args, "--json", str(out_json),
                             "--plot", str(out_png))
         assert code == 1, (args, err)
         assert err.count("\n") == 1 and err.startswith("lrp-onnx: error: "), err
         assert words in err, err
         assert "Traceback" not in err
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.npy", "short.npy"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["compiled.onnx", "junk.npy",
+                                                              "short.npy"]
 
 
 def test_bench_script_runs_and_agrees_with_torch(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 import lrp_onnx.evaluation.perturbation as P
+from lrp_onnx.emit.contract import OUTPUT_RELEVANCE, TARGET
 from lrp_onnx.errors import InvalidInput
 from lrp_onnx.evaluation.methods import Attributors, Method, check_given, parse_method
 from lrp_onnx.evaluation.results import Evaluation, MethodResult
@@ -29,6 +30,9 @@ class Forward:
         proto, self.label = load_model(model)
         self.session = make_session(proto, device=device)
         inputs = self.session.get_inputs()
+        if {i.name for i in inputs} & {TARGET, OUTPUT_RELEVANCE}:
+            raise InvalidInput(f"{self.label}: this is a compiled model; evaluate takes the "
+                               "original model (it compiles each method itself)")
         if len(inputs) != 1:
             raise InvalidInput(f"{self.label}: evaluate needs a model with one input; it has "
                                f"{', '.join(i.name for i in inputs)}")
