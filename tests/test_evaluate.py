@@ -149,6 +149,10 @@ def test_same_seed_same_result_and_shared_draws() -> None:
     np.testing.assert_array_equal(one["Random"].morf, two["Random"].morf)
     other = evaluate(model, x, labels, ["Random"], seed=6, steps=8)
     assert not np.array_equal(one["Random"].morf, other["Random"].morf)
+    from lrp_onnx.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="method 'nan': the attributions are not finite"):
+        evaluate(model, x, labels, attributions={"nan": np.full(x.shape, np.nan)})
 
 
 # -- baselines against torch autograd ------------------------------------------------------------

@@ -126,6 +126,8 @@ def evaluate(model: str | os.PathLike[str] | onnx.ModelProto, data: np.ndarray,
         else:
             a, absolute = method, False
         attributed = time.perf_counter()
+        if not np.isfinite(a).all():
+            raise InvalidInput(f"method {name!r}: the attributions are not finite (NaN/Inf)")
         results.append(scorer.score(name, a, absolute, start, attributed))
     ranked_by = {"srg": "srg", "road": "accuracy_morf_mean"}.get(protocol.metric, "aopc")
     results.sort(key=lambda r: r.road_morf if ranked_by == "accuracy_morf_mean"
