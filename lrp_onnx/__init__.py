@@ -22,6 +22,7 @@ from lrp_onnx.errors import (
     UnsupportedModel,
     UnsupportedOp,
 )
+from lrp_onnx.evaluation import Evaluation, MethodResult, evaluate
 from lrp_onnx.frontend.structure import ChainTuple, ParallelTuple, SkipConnectionTuple
 from lrp_onnx.io import save_model
 from lrp_onnx.rules.composites import (
@@ -99,5 +100,6 @@ __all__ = [
     "UnsupportedModel",
     "UnsupportedOp", "AlphaBetaRule", "EpsilonRule", "FlatRule", "GammaRule",
     "GeneralizedGammaRule", "GradientRule", "PassRule", "Rule", "WSquareRule", "ZBoxRule",
-    "ZeroRule", "ZPlusRule", "CheckReport", "CheckResult", "check_model", "__version__",
+    "ZeroRule", "ZPlusRule", "CheckReport", "CheckResult", "check_model", "evaluate",
+    "Evaluation", "MethodResult", "__version__",
 ]
