@@ -94,12 +94,11 @@ def export(model: Any, path: Path, accuracy: float) -> None:
     import onnx
     import torch
 
+    from lrp_onnx.testing.oracle import export as export_onnx
+
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), f"{tmp}/m.onnx", dynamo=False,
-                          opset_version=17, input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
-        proto = onnx.load(f"{tmp}/m.onnx")
+        proto = onnx.load(str(export_onnx(model, f"{tmp}/m.onnx", torch.zeros(1, 1, 28, 28))))
     proto.ir_version = IR_VERSION
     proto.doc_string = ("Small CNN trained on Fashion-MNIST (scripts/train_fashion.py). input: "
                         "float32 [N,1,28,28], pixels / 255; logits: [N,10].")
