@@ -8,7 +8,7 @@ parsed model at once, :func:`write_model` serializes without a copy of the whole
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -224,6 +224,19 @@ def write_model(model: onnx.ModelProto, fh: Any, external: tuple[Any, str] | Non
         del raw
 
 
+def temp_beside(dest: Path) -> tuple[int, str]:
+    """A new temporary file in ``dest``'s folder (``os.replace`` is atomic only within one file
+    system), opened for writing: ``(fd, name)``. Created with mode 0o666, so that the umask
+    applies as for a normal file (``tempfile.mkstemp`` would make it 0o600)."""
+    folder = dest.parent if str(dest.parent) else Path(".")
+    while True:
+        tmp = str(folder / f".{dest.name}.{secrets.token_hex(4)}.partial")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str],
                external_data: bool | None = None) -> None:
     """Write ``model`` atomically: temporary files in the same folder, then renames.
@@ -233,18 +246,16 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str],
     exceed ``EXTERNAL_DATA_ABOVE`` (a protobuf file cannot exceed 2 GiB).
     """
     dest = Path(path)
-    folder = dest.parent if str(dest.parent) else Path(".")
     if external_data is None:
         external_data = weight_bytes(model) > EXTERNAL_DATA_ABOVE
     temps: list[str] = []
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=folder)
+        fd, tmp = temp_beside(dest)
         temps.append(tmp)
         data_dest = dest.with_name(dest.name + ".data")
         with os.fdopen(fd, "wb") as fh:
             if external_data:
-                dfd, dtmp = tempfile.mkstemp(prefix=f".{data_dest.name}.", suffix=".tmp",
-                                             dir=folder)
+                dfd, dtmp = temp_beside(data_dest)
                 temps.append(dtmp)
                 with os.fdopen(dfd, "wb") as dfh:
                     write_model(model, fh, (dfh, data_dest.name))

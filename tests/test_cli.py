@@ -722,3 +722,21 @@ def test_output_relevance_subprocess_error_is_one_line(tmp_path: Path, seeded_se
                                                        ) -> None:
     assert_clean_failure(run_cli("explain", seeded_seed, MODELS / "seed_vgg_input.npy",
                                  "--target", "1"), "--output-relevance")
+
+
+def test_written_files_follow_the_umask(tmp_path: Path) -> None:
+    """Compiled models and explain's files are created as normal files (the umask applies),
+    not with a temporary file's 0o600."""
+    from lrp_onnx.cli.main import main
+
+    old = os.umask(0o022)
+    try:
+        dest = tmp_path / "digits.lrp.onnx"
+        assert main(["convert", str(MODELS / "digits_cnn.onnx"), str(dest)]) == 0
+        out = tmp_path / "out"
+        assert main(["explain", str(dest), str(MODELS / "digits_samples.npy"), "--out",
+                     str(out), "--device", "cpu"]) == 0
+    finally:
+        os.umask(old)
+    for path in (dest, *out.iterdir()):
+        assert path.stat().st_mode & 0o777 == 0o644, path

@@ -13,10 +13,11 @@ percentile of ``|R|`` and clipped. Nothing here needs matplotlib.
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 import numpy as np
+
+from lrp_onnx.cli.outputs import write_atomic
 
 #: Channel reductions :func:`heatmap` accepts for a ``(C, H, W)`` relevance map.
 REDUCTIONS = ("sum", "abs", "norm")
@@ -201,20 +202,5 @@ def save_png(rgb: np.ndarray, path: str | os.PathLike[str], *, scale: int = 1) -
         raise ValueError(f"scale={scale!r}: expected a positive integer")
     if scale > 1:
         img = np.repeat(np.repeat(img, int(scale), axis=0), int(scale), axis=1)
-    path = Path(path)
-    # A temporary name in the same folder (os.replace is atomic only within one file system),
-    # opened with O_EXCL and mode 0o666 so that the umask applies as for a normal file.
-    while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:
-            continue
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            Image.fromarray(np.ascontiguousarray(img)).save(fh, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(Path(path), lambda fh: Image.fromarray(np.ascontiguousarray(img)).save(
+        fh, format="PNG"))

@@ -12,6 +12,7 @@ from typing import BinaryIO, TextIO
 import numpy as np
 
 from lrp_onnx.errors import LRPError
+from lrp_onnx.io import temp_beside
 
 #: The progress bar is shown on a terminal from this many samples on.
 PROGRESS_MIN_SAMPLES = 5
@@ -108,17 +109,18 @@ def check_model_destination(src: Path, dest: Path) -> None:
 
 def save_npy(arr: np.ndarray, path: Path) -> None:
     """``np.save`` atomically: a temporary file in the same folder, then a rename."""
-    _atomic(lambda fh: np.save(fh, arr), path)
+    write_atomic(path, lambda fh: np.save(fh, arr))
 
 
 def save_bytes(data: bytes, path: Path) -> None:
     """Write ``data`` to ``path`` atomically."""
-    _atomic(lambda fh: fh.write(data), path)
+    write_atomic(path, lambda fh: fh.write(data))
 
 
-def _atomic(write: Callable[[BinaryIO], object], path: Path) -> None:
-    """``write(file)`` into a temporary file in the same folder, then a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """``write(file)`` into a temporary file beside ``path`` (:func:`lrp_onnx.io.temp_beside`:
+    the umask applies), then a rename."""
+    fd, tmp = temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
