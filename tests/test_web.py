@@ -298,7 +298,8 @@ def test_preprocess_file(compiled: Path, fake_ort: Path, tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("case", ["not-compiled", "dir-not-empty", "no-ort-web",
-                                  "ort-web-lacks-wasm", "not-ort-web", "bad-preprocess"])
+                                  "ort-web-lacks-wasm", "not-ort-web", "not-a-tarball",
+                                  "bad-preprocess"])
 def test_refusals(case: str, compiled: Path, fake_ort: Path, tmp_path: Path,
                   monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """One line, exit 1, and no DIR (nor a temporary folder) left behind."""
@@ -310,6 +311,7 @@ def test_refusals(case: str, compiled: Path, fake_ort: Path, tmp_path: Path,
         "no-ort-web": f"npm install onnxruntime-web@{ORT_WEB_VERSION}",
         "ort-web-lacks-wasm": f"lacks dist/{ORT_FILES[1]}",
         "not-ort-web": "not the onnxruntime-web npm package",
+        "not-a-tarball": "not a readable npm tarball",
         "bad-preprocess": "'mode' must be",
     }[case]
     if case == "not-compiled":
@@ -324,6 +326,9 @@ def test_refusals(case: str, compiled: Path, fake_ort: Path, tmp_path: Path,
         (fake_ort / "dist" / ORT_FILES[1]).unlink()
     elif case == "not-ort-web":
         (fake_ort / "package.json").write_text(json.dumps({"name": "left-pad"}))
+    elif case == "not-a-tarball":
+        (tmp_path / "pre.json").write_text("not gzip")
+        extra = ["--ort-web", "pre.json"]
     else:
         (tmp_path / "pre.json").write_text(json.dumps({"mode": "CMYK"}))
         extra += ["--preprocess", "pre.json"]
