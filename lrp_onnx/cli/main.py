@@ -1,4 +1,5 @@
-"""The ``lrp-onnx`` command line: ``convert``, ``show``, ``explain``, ``check``, ``evaluate``.
+"""The ``lrp-onnx`` command line: ``convert``, ``show``, ``explain``, ``check``, ``evaluate``,
+``export-web``.
 
 Exit codes: 0 success, 1 the model, rules or input were refused or a check failed (a one-line
 ``error:`` message, no traceback, no partial file), 2 wrong usage (argparse's message), 3 an
@@ -433,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lrp_onnx.cli.evaluate import add_evaluate_parser
 
     add_evaluate_parser(sub)
+    from lrp_onnx.cli.web import add_export_web_parser
+
+    add_export_web_parser(sub)
 
     p = sub.add_parser(
         "check", help="compile and verify a model on random inputs (for CI)",
