@@ -190,6 +190,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from lrp_onnx.frontend.load import load_model
     from lrp_onnx.runtime import run_compiled
 
+    if args.ray is not None:
+        from lrp_onnx.cli.ray_explain import explain_on_ray
+
+        return explain_on_ray(args, _preprocess(args)[0], PROG)
     model, label = load_model(args.model)
     io = CompiledIO.of(model, label, PROG)
     check_seed_options(io, label, args.target, args.output_relevance)
@@ -322,6 +326,7 @@ def _device_option(p: argparse.ArgumentParser, default: str) -> None:
 
 def _explain_parser(sub: Any) -> None:
     from lrp_onnx.cli.heatmap import REDUCTIONS
+    from lrp_onnx.cli.ray_explain import add_ray_options
     from lrp_onnx.cli.text import add_token_options
 
     p = sub.add_parser(
@@ -364,6 +369,7 @@ def _explain_parser(sub: Any) -> None:
                    help="a JSON object with keys size, resize, mode, scale, mean, std "
                    "(options given here win)")
     add_token_options(p)
+    add_ray_options(p)
     g = p.add_argument_group("outputs")
     g.add_argument("--out", metavar="DIR",
                    help="write <stem>.relevance.npy and <stem>.png (token ids: <stem>.html) "
