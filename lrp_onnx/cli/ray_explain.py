@@ -144,16 +144,17 @@ def _run(args: argparse.Namespace, out: Path, label: str, spec: ModelInput,
 
 
 def _split_inputs(inputs: list[str], recursive: bool) -> tuple[list[str], list[str]]:
-    """Parquet inputs (files, folders of them) and the others (``.npy``/images, folders);
-    one kind per run."""
+    """Parquet inputs (files, folders of them, URIs such as ``s3://...``) and the others
+    (``.npy``/images, folders); one kind per run."""
     parquet: list[str] = []
     other: list[str] = []
     for raw in inputs:
         p = Path(raw)
         found = p.is_dir() and any((p.rglob if recursive else p.glob)(f"*{PARQUET}"))
-        (parquet if p.suffix.lower() == PARQUET or found else other).append(raw)
+        uri = "://" in raw  # s3://, gs://, hdfs://: read by Ray on the workers
+        (parquet if uri or p.suffix.lower() == PARQUET or found else other).append(raw)
     for raw in parquet:
-        if not Path(raw).exists():
+        if "://" not in raw and not Path(raw).exists():
             raise InputFileError(raw, "no such file or folder")
     if parquet and other:
         raise InputFileError(other[0], "give either Parquet inputs or .npy/image inputs to "
