@@ -167,6 +167,10 @@ def test_cli_parquet_in_and_out(cluster, compiled, tmp_path: Path, capsys) -> No
         <= set(table.column_names)
     assert table.column("target").to_pylist() == [7, 7, 7, -1, 7, 7, -1, 7, 7, 7]
     assert [bool(e) for e in table.column("error").to_pylist()].count(True) == 2
+    code, _, err = _cli(capsys, "explain", str(path), str(src), "--out", str(tmp_path / "o2"),
+                        "--ray", "--column", "pixels")
+    assert code == 1
+    assert err.startswith(f"lrp-onnx: error: {src}: no column 'pixels' (--column); its columns: ")
 
 
 def test_cli_bad_row_is_one_line_and_writes_nothing(cluster, compiled, tmp_path: Path,

@@ -111,6 +111,11 @@ def _run(args: argparse.Namespace, out: Path, label: str, spec: ModelInput,
             batch_size=args.batch_size, batch_format="numpy")
     else:
         ds = ray.data.read_parquet(parquet)
+        names = ds.columns()  # from the Parquet footers
+        for name, option in ((args.column, "--column"), (target_column, "--target-column")):
+            if name and name not in names:
+                raise InputFileError(parquet[0], f"no column '{name}' ({option}); its columns: "
+                                     f"{', '.join(names)}")
     if args.target is not None:
         target_column = "target"
         ds = ds.map_batches(_constant, fn_kwargs=dict(name=target_column, value=args.target),
