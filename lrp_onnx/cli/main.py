@@ -439,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lrp_onnx.cli.evaluate import add_evaluate_parser
 
     add_evaluate_parser(sub)
+    from lrp_onnx.cli.export_repo import add_export_repo_parser
+
+    add_export_repo_parser(sub)
 
     p = sub.add_parser(
         "check", help="compile and verify a model on random inputs (for CI)",

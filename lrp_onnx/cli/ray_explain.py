@@ -138,6 +138,7 @@ def _run(args: argparse.Namespace, out: Path, label: str, spec: ModelInput,
                 raise
             raise InvalidInput(f"{label}: {message}") from None
         rows, errors = _count(partial)
+        partial.chmod(0o755)  # mkdtemp makes it 0700
         if out.exists():
             out.rmdir()
         os.replace(partial, out)
