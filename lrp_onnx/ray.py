@@ -92,8 +92,7 @@ def explain_dataset(ds: Any, model_path: str | os.PathLike[str], *, column: str 
     if io.others or io.seed is not None:
         raise InvalidInput(f"{label}: explain_dataset feeds one input and a target; this model "
                            "also takes " + ", ".join(io.others or ("output_relevance",)))
-    clash = {RELEVANCE, io.output} & {column}
-    if clash:
+    if column in (RELEVANCE, io.output, TARGET, ERROR):
         raise InvalidInput(f"column '{column}' would be overwritten by an output column")
     source: bytes | str = (model.SerializeToString() if weight_bytes(model) <= EXTERNAL_DATA_ABOVE
                            else os.fspath(model_path))
@@ -131,7 +130,9 @@ class _Explainer:
             if name not in batch:
                 raise InvalidInput(f"the dataset has no column '{name}' (its columns: "
                                    f"{', '.join(batch)})")
-        taken = {RELEVANCE, self.io.output, ERROR, TARGET} - {self.target_column}
+        taken = {RELEVANCE, self.io.output, TARGET} - {self.target_column}
+        if self.on_error == "column":
+            taken.add(ERROR)
         clash = sorted(taken & set(batch))
         if clash:
             raise InvalidInput(f"the dataset already has column(s) {', '.join(clash)}, which "
