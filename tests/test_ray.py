@@ -194,6 +194,14 @@ def test_cli_ray_refuses_without_out(compiled, capsys) -> None:
     assert err == "lrp-onnx: error: --ray writes Parquet: give --out DIR\n"
 
 
+def test_cli_ray_options_need_ray(compiled, capsys) -> None:
+    path, _ = compiled
+    code, _, err = _cli(capsys, "explain", str(path), str(MODELS / "digits_samples.npy"),
+                        "--on-error", "column")
+    assert code == 1
+    assert err == "lrp-onnx: error: --on-error applies with --ray only\n"
+
+
 def test_import_lrp_onnx_does_not_import_ray() -> None:
     code = ("import sys, lrp_onnx, lrp_onnx.cli.main; "
             "sys.exit(1 if 'ray' in sys.modules else 0)")

@@ -187,13 +187,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
         expand_inputs,
         plan_inputs,
     )
+    from lrp_onnx.cli.ray_explain import explain_on_ray, refuse_ray_options
     from lrp_onnx.frontend.load import load_model
     from lrp_onnx.runtime import run_compiled
 
     if args.ray is not None:
-        from lrp_onnx.cli.ray_explain import explain_on_ray
-
         return explain_on_ray(args, _preprocess(args)[0], PROG)
+    refuse_ray_options(args)
     model, label = load_model(args.model)
     io = CompiledIO.of(model, label, PROG)
     check_seed_options(io, label, args.target, args.output_relevance)

@@ -44,15 +44,26 @@ def add_ray_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="run on the Ray cluster at ADDRESS (ray://head:10001, auto); without "
                    "ADDRESS a local one (put --ray after the inputs)")
-    g.add_argument("--column", default="input",
-                   help="Parquet inputs: the column holding the samples (default: input)")
+    g.add_argument("--column", help="Parquet inputs: the column holding the samples (default: "
+                   "input)")
     g.add_argument("--target-column", metavar="NAME",
                    help="Parquet inputs: an int column with each row's class")
-    g.add_argument("--on-error", choices=("fail", "column"), default="fail",
+    g.add_argument("--on-error", choices=("fail", "column"),
                    help="a row that cannot be explained fails the job (default), or gets an "
                    "'error' column")
     g.add_argument("--concurrency", type=positive_int, default=None, metavar="N",
                    help="Ray actors, one ONNX Runtime session each (default: 1)")
+
+
+def refuse_ray_options(args: argparse.Namespace) -> None:
+    """Without ``--ray``, refuse the options that only apply with it."""
+    given = [option for option, value in (("--column", args.column),
+                                          ("--target-column", args.target_column),
+                                          ("--on-error", args.on_error),
+                                          ("--concurrency", args.concurrency))
+             if value is not None]
+    if given:
+        raise InvalidInput(f"{given[0]} applies with --ray only")
 
 
 def explain_on_ray(args: argparse.Namespace, preprocess: Preprocess, prog: str) -> int:
@@ -73,8 +84,10 @@ def explain_on_ray(args: argparse.Namespace, preprocess: Preprocess, prog: str) 
     io = CompiledIO.of(model, label, prog)
     check_seed_options(io, label, args.target, None)
     parquet, files = _split_inputs(args.inputs, args.recursive)
-    if args.target_column and (files or args.target is not None):
-        raise InvalidInput("--target-column reads Parquet inputs; give it or --target, not both")
+    if files and (args.column or args.target_column):
+        raise InvalidInput("--column and --target-column apply to Parquet inputs")
+    if args.target_column and args.target is not None:
+        raise InvalidInput("give --target-column or --target, not both")
     spec = ModelInput.of(model, io.input)
     plan = plan_inputs(expand_inputs(files, recursive=args.recursive), spec, preprocess) \
         if files else None
@@ -102,6 +115,7 @@ def _run(args: argparse.Namespace, out: Path, label: str, spec: ModelInput,
     for name in ("ray", "ray.data"):  # our one line replaces Ray's log and traceback
         logging.getLogger(name).setLevel(logging.CRITICAL)
     target_column = args.target_column
+    column = args.column or "input"
     if plan is not None:
         items = [{"path": str(s.path.resolve()), "index": -1 if s.index is None else s.index}
                  for s in plan.samples]
@@ -112,7 +126,7 @@ def _run(args: argparse.Namespace, out: Path, label: str, spec: ModelInput,
     else:
         ds = ray.data.read_parquet(parquet)
         names = ds.columns()  # from the Parquet footers
-        for name, option in ((args.column, "--column"), (target_column, "--target-column")):
+        for name, option in ((column, "--column"), (target_column, "--target-column")):
             if name and name not in names:
                 raise InputFileError(parquet[0], f"no column '{name}' ({option}); its columns: "
                                      f"{', '.join(names)}")
@@ -120,11 +134,11 @@ def _run(args: argparse.Namespace, out: Path, label: str, spec: ModelInput,
         target_column = "target"
         ds = ds.map_batches(_constant, fn_kwargs=dict(name=target_column, value=args.target),
                             batch_format="numpy")
-    result = explain_dataset(ds, args.model, column=args.column if plan is None else "input",
+    result = explain_dataset(ds, args.model, column=column,
                              target_column=target_column, batch_size=args.batch_size,
                              concurrency=args.concurrency,
                              device="cuda" if args.device == "cuda" else "cpu",
-                             on_error=args.on_error)
+                             on_error=args.on_error or "fail")
     if plan is not None:
         result = result.drop_columns(["input"])
     out.parent.mkdir(parents=True, exist_ok=True)
