@@ -43,7 +43,8 @@ def add_ray_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Ray (docs/scale.md): explain on a cluster, write Parquet to --out")
     g.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="run on the Ray cluster at ADDRESS (ray://head:10001, auto); without "
-                   "ADDRESS a local one (put --ray after the inputs)")
+                   "ADDRESS: $RAY_ADDRESS's, one running here, or a new local one (put --ray "
+                   "after the inputs)")
     g.add_argument("--column", help="Parquet inputs: the column holding the samples (default: "
                    "input)")
     g.add_argument("--target-column", metavar="NAME",
