@@ -1,5 +1,5 @@
 """The ``lrp-onnx`` command line: ``convert``, ``show``, ``explain``, ``check``, ``evaluate``,
-``export-web``.
+``export-web``, ``export-repo``.
 
 Exit codes: 0 success, 1 the model, rules or input were refused or a check failed (a one-line
 ``error:`` message, no traceback, no partial file), 2 wrong usage (argparse's message), 3 an
@@ -188,9 +188,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
         expand_inputs,
         plan_inputs,
     )
+    from lrp_onnx.cli.ray_explain import explain_on_ray, refuse_ray_options
     from lrp_onnx.frontend.load import load_model
     from lrp_onnx.runtime import run_compiled
 
+    if args.ray is not None:
+        return explain_on_ray(args, _preprocess(args)[0], PROG)
+    refuse_ray_options(args)
     model, label = load_model(args.model)
     io = CompiledIO.of(model, label, PROG)
     check_seed_options(io, label, args.target, args.output_relevance)
@@ -323,6 +327,7 @@ def _device_option(p: argparse.ArgumentParser, default: str) -> None:
 
 def _explain_parser(sub: Any) -> None:
     from lrp_onnx.cli.heatmap import REDUCTIONS
+    from lrp_onnx.cli.ray_explain import add_ray_options
     from lrp_onnx.cli.text import add_token_options
 
     p = sub.add_parser(
@@ -365,6 +370,7 @@ def _explain_parser(sub: Any) -> None:
                    help="a JSON object with keys size, resize, mode, scale, mean, std "
                    "(options given here win)")
     add_token_options(p)
+    add_ray_options(p)
     g = p.add_argument_group("outputs")
     g.add_argument("--out", metavar="DIR",
                    help="write <stem>.relevance.npy and <stem>.png (token ids: <stem>.html) "
@@ -434,9 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
     from lrp_onnx.cli.evaluate import add_evaluate_parser
 
     add_evaluate_parser(sub)
+    from lrp_onnx.cli.export_repo import add_export_repo_parser
     from lrp_onnx.cli.web import add_export_web_parser
 
     add_export_web_parser(sub)
+    add_export_repo_parser(sub)
 
     p = sub.add_parser(
         "check", help="compile and verify a model on random inputs (for CI)",
