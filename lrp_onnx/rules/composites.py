@@ -211,7 +211,8 @@ class RangeMap(_RulePrimitive):
 
 @dataclass(frozen=True, repr=False)
 class FirstLayerMap(_RulePrimitive):
-    """Apply ``rule`` to the first layer(s): those reading the model input."""
+    """Apply ``rule`` to the first layer(s): those reading the model input (directly or
+    through layers that only move its values)."""
 
     rule: Rule
     comment = "first layer"
@@ -416,9 +417,24 @@ class Composite:
         return hash(repr(self))
 
 
+def _input_values(layers: Sequence[Layer], data_input: str) -> set[str]:
+    """The data input and the values that only move its elements (an exporter's layout
+    ``Transpose``, a ``Reshape``, ...: ops whose spec ``routes``), in topological order."""
+    names = {data_input}
+    for la in layers:
+        spec = spec_of(la.kind)
+        if spec is not None and spec.routes and la.inputs and \
+                all(t.name in names for t in la.inputs):
+            names.update(t.name for t in la.outputs)
+    return names
+
+
 def layer_infos(layers: Sequence[Layer], indices: Mapping[int, tuple[int, ...]],
                 data_input: str, logits: str) -> list[LayerInfo]:
-    """Pair each layer with its nested index and first/last flags."""
+    """Pair each layer with its nested index and first/last flags (first: reads the model
+    input, directly or through layers that only move its values, such as tf2onnx's NHWC to
+    NCHW ``Transpose``)."""
+    inputs = _input_values(layers, data_input)
     return [LayerInfo(layer=la, index=indices[la.index],
-                      first=any(t.name == data_input for t in la.inputs),
+                      first=any(t.name in inputs for t in la.inputs),
                       last=la.output.name == logits) for la in layers]
