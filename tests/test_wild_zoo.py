@@ -19,6 +19,7 @@ the loader is to do; it does nothing once the loader accepts such a file itself.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,10 +38,10 @@ from zennit.layer import Sum as ZSum  # noqa: E402
 from zennit.rules import Norm, Pass  # noqa: E402
 
 import lrp_onnx  # noqa: E402
+from conftest import ort_session  # noqa: E402
 from lrp_onnx import LRP, EpsilonPlusFlat, check_model  # noqa: E402
 from lrp_onnx.errors import LRPError  # noqa: E402
 from lrp_onnx.testing import oracle  # noqa: E402
-from conftest import ort_session  # noqa: E402
 
 SHAPE = (3, 16, 16)
 CLASSES = 10
@@ -55,8 +56,10 @@ class AlexNetLike(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv1, self.lrn1 = nn.Conv2d(3, 8, 3, padding=1), nn.LocalResponseNorm(5, 0.5, 0.75, 1.0)
-        self.conv2, self.lrn2 = nn.Conv2d(8, 12, 3, padding=1), nn.LocalResponseNorm(3, 0.3, 0.75, 2.0)
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 12, 3, padding=1)
+        # alpha large enough that the normalization matters (AlexNet's 1e-4 barely does here)
+        self.lrn1 = nn.LocalResponseNorm(5, 0.5, 0.75, 1.0)
+        self.lrn2 = nn.LocalResponseNorm(3, 0.3, 0.75, 2.0)
         self.pool1, self.pool2 = nn.MaxPool2d(2), nn.MaxPool2d(2)
         self.relu1, self.relu2, self.relu3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
         self.flat = nn.Flatten()
@@ -356,3 +359,67 @@ def test_lrn_is_a_normalization_layer_passing_relevance_unchanged() -> None:
     with pytest.raises(lrp_onnx.RuleNotApplicable, match="LRN"):
         LRP(model, lrp_onnx.Composite(lrp_onnx.GlobalMap(lrp_onnx.EpsilonRule()),
                                       lrp_onnx.GlobalTypeMap({"LRN": lrp_onnx.ZPlusRule()})))
+
+
+@pytest.mark.parametrize("head", ["Softmax", "LogSoftmax"])
+def test_converted_opset11_softmax_on_4d_is_the_trailing_head(head: str) -> None:
+    """``onnx.version_converter`` writes an opset-11 ``Softmax(axis=1)`` of ``[N, K, 1, 1]`` as
+    ``Reshape(Softmax(Flatten(v)), Shape(v))``: that is recognised as the trailing head, so
+    relevance starts at ``v`` (the GAP output), as for the opset-13 spelling."""
+    w = Writer(11, False)
+    out, _ = write_squeezenet(torch_model("squeezenet_head"), w, False)
+    w.op(head, out, axis=1)
+    model = version_converter.convert_version(w.model(w.nodes[-1].output[0],
+                                                      ["N", CLASSES, 1, 1]), 17)
+    assert [n.op_type for n in model.graph.node][-4:] == ["Shape", "Flatten", head, "Reshape"]
+    analyzer = LRP(model, EpsilonPlusFlat())
+    record = json.loads({p.key: p.value for p in analyzer.model.metadata_props}["lrp_onnx"])
+    assert record["logits"] == out
+    x, logits, target, ref = reference("squeezenet_head")
+    expl = analyzer.analyze(x, device="cpu")
+    np.testing.assert_array_equal(expl.target, target)
+    oracle.assert_agreement(expl.relevance, ref, f"converted {head}")
+
+
+def test_4d_head_with_output_relevance_and_logit_seed() -> None:
+    """An ``output_relevance`` seed shaped ``[N, K, 1, 1]`` (one-hot at the target) gives the
+    target's relevance; the logit seed scales each sample by its logit."""
+    x, logits, target, ref = reference("squeezenet_head")
+    model = zoo_model("squeezenet_head", 17, False)
+    seed = np.zeros((len(x), CLASSES, 1, 1), np.float32)
+    seed[np.arange(len(x)), target] = 1.0
+    explicit = LRP(model, EpsilonPlusFlat(), output_relevance=True)
+    oracle.assert_agreement(explicit.analyze(x, output_relevance=seed).relevance, ref,
+                            "output_relevance")
+    by_logit = LRP(model, EpsilonPlusFlat(), normalize_output_relevance=False)
+    top = logits[np.arange(len(x)), target].reshape(-1, 1, 1, 1)
+    oracle.assert_agreement(by_logit.analyze(x, target).relevance, ref * top, "logit seed")
+    with pytest.raises(lrp_onnx.UnsupportedModel, match=r"target 10 is outside \[-1, 9\]"):
+        LRP(model, EpsilonPlusFlat()).analyze(x, 10)
+
+
+def test_cli_convert_explain_check_on_a_4d_head(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """``lrp-onnx convert``, ``explain --target`` (a class index up to K - 1) and ``check`` on a
+    model whose output is ``[N, K, 1, 1]`` after ``Softmax(axis=1)``."""
+    from lrp_onnx.cli.main import main
+
+    src, dest = tmp_path / "squeezenet.onnx", tmp_path / "squeezenet.lrp.onnx"
+    onnx.save(zoo_model("squeezenet_head", 13, False, softmax=True), src)
+    x = reference("squeezenet_head")[0]
+    np.save(tmp_path / "x.npy", x)
+    assert main(["convert", str(src), str(dest), "--composite", "EpsilonPlusFlat"]) == 0
+    capsys.readouterr()
+    assert main(["explain", str(dest), str(tmp_path / "x.npy"), "--target", "7",
+                 "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("target 7 (output ") == len(x), printed
+    assert main(["explain", str(dest), str(tmp_path / "x.npy"), "--target", "10",
+                 "--device", "cpu"]) == 1
+    assert "has 10 classes (0 to 9)" in capsys.readouterr().err
+    for model in (src, dest):
+        args = ["check", str(model), "--device", "cpu"]
+        if model == src:
+            args += ["--composite", "EpsilonPlusFlat"]
+        assert main(args) == 0
+        assert "OK:" in capsys.readouterr().out
