@@ -381,6 +381,27 @@ def test_converted_opset11_softmax_on_4d_is_the_trailing_head(head: str) -> None
     oracle.assert_agreement(expl.relevance, ref, f"converted {head}")
 
 
+@pytest.mark.parametrize("shape", [[-1, CLASSES, 1, 1], [0, CLASSES, 1, 1]])
+def test_flattened_softmax_reshaped_to_a_constant_shape_is_the_head(shape: list[int]) -> None:
+    """The same head with the shape given as a constant (a folded ``Shape``; the batch dim as
+    ``-1`` or ``0``); a Reshape to another shape is not a head (relevance goes through it, its
+    Softmax and its Flatten)."""
+    x, _, target, ref = reference("squeezenet_head")
+    for dims, head in ((shape, True), ([-1, CLASSES], False)):
+        w = Writer(17, False)
+        out, _ = write_squeezenet(torch_model("squeezenet_head"), w, False)
+        w.inits.append(numpy_helper.from_array(np.array(dims, np.int64), "shape"))
+        w.op("Reshape", w.op("Softmax", w.op("Flatten", out, axis=1), axis=-1), "shape")
+        model = w.model(w.nodes[-1].output[0], ["N", *[abs(d) or CLASSES for d in dims[1:]]])
+        analyzer = LRP(model, EpsilonPlusFlat())
+        record = json.loads({p.key: p.value for p in analyzer.model.metadata_props}["lrp_onnx"])
+        assert (record["logits"] == out) is head
+        if head:
+            expl = analyzer.analyze(x, device="cpu")
+            np.testing.assert_array_equal(expl.target, target)
+            oracle.assert_agreement(expl.relevance, ref, f"constant shape {shape}")
+
+
 def test_4d_head_with_output_relevance_and_logit_seed() -> None:
     """An ``output_relevance`` seed shaped ``[N, K, 1, 1]`` (one-hot at the target) gives the
     target's relevance; the logit seed scales each sample by its logit."""

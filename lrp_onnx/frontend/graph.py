@@ -149,8 +149,8 @@ class Graph:
 
     def _wrapped_head(self, reshape: gs.Node) -> gs.Tensor | None:
         """``v`` where ``reshape`` is ``Reshape(Softmax(Flatten(v, axis=1)), Shape(v))`` (or
-        LogSoftmax), the spelling of an opset < 13 Softmax over axis 1 of an ``[N, K, 1, 1]``
-        value that ``onnx.version_converter`` writes; else ``None``."""
+        LogSoftmax; or the shape as a constant), the spelling of an opset < 13 Softmax over axis
+        1 of an ``[N, K, 1, 1]`` value that ``onnx.version_converter`` writes; else ``None``."""
         if reshape.op != "Reshape" or len(self.data_inputs(reshape)) != 1 or \
                 reshape.inputs[0].name not in self.data:
             return None
@@ -168,12 +168,14 @@ class Graph:
         if shape_of is not None and shape_of.op == "Shape" and shape_of.inputs[0] is v and \
                 not shape_of.attrs:
             return v
+        # or a constant shape: v's static dims, the batch dim given as itself, 0 (copied) or -1
         fixed = self.const_value(reshape.inputs[1])
         dims = self.shape(v) if v.shape is not None or v.name in self.facts else None
-        if fixed is not None and dims is not None and None not in dims and \
-                [int(d) for d in np.ravel(fixed)] == dims:
-            return v
-        return None
+        if fixed is None or dims is None or None in dims[1:] or len(np.ravel(fixed)) != len(dims):
+            return None
+        first, *rest = (int(d) for d in np.ravel(fixed))
+        batch_ok = first in (0, -1) and not reshape.attrs.get("allowzero", 0) or first == dims[0]
+        return v if batch_ok and rest == dims[1:] else None
 
     @property
     def fed_input(self) -> gs.Variable:
