@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from lrp_onnx.emit.compiler import compile_layers
-from lrp_onnx.emit.contract import PER_LAYER_PREFIX
+from lrp_onnx.emit.contract import PER_LAYER_PREFIX, class_axis
 from lrp_onnx.emit.optimizations import Optimizations
 from lrp_onnx.errors import (
     LRPError,
@@ -255,7 +255,8 @@ class LRP:
         self.indices = prep.indices
         self.input_name = prep.graph.fed_input.name
         self.output_name = prep.graph.explained.name
-        self.num_classes = int(prep.graph.shape(prep.graph.logits)[-1] or 0)
+        shape = prep.graph.shape(prep.graph.logits)
+        self.num_classes = int(shape[class_axis(shape)] or 0)
         #: The source file kept its weights as external data (so does ``save``).
         self.external_data = prep.external_data
         self.model: onnx.ModelProto = compile_layers(

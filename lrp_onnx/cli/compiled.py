@@ -18,6 +18,7 @@ from lrp_onnx.emit.contract import (
     SEED_OUTPUT_RELEVANCE,
     TARGET,
     TARGET_POSITION,
+    class_axis,
     read_record,
     seed_mode,
 )
@@ -66,7 +67,8 @@ class CompiledIO:
                 "Python API (analyze(x, inputs={name: array}))")
         out_name = record.get("explained_output", outputs[0])
         dims = {o.name: o for o in model.graph.output}[out_name].type.tensor_type.shape.dim
-        classes = int(dims[-1].dim_value) if dims and dims[-1].HasField("dim_value") else 0
+        sizes = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+        classes = int(sizes[class_axis(sizes)] or 0) if sizes else 0
         seed = ModelInput.of(model, OUTPUT_RELEVANCE) if explicit else None
         return cls(chosen, out_name, classes, seed, tokens, tuple(others),
                    TARGET_POSITION in inputs)

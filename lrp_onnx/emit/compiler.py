@@ -24,6 +24,7 @@ from lrp_onnx.emit.contract import (
     TARGET,
     TARGET_POSITION,
     _drop_contract_io,
+    class_axis,
     per_layer_name,
     seed_input,
 )
@@ -42,18 +43,24 @@ def _seed(b: Builder, graph: Graph, target: gs.Variable, position: gs.Variable |
           normalize: bool) -> gs.Tensor:
     """One-hot (value 1, or the logit itself) at ``target``; ``target < 0`` picks the argmax.
     A sequence output ``[N, T, V]`` is seeded at ``position`` (``< 0`` counts from the end):
-    the target is picked among that position's logits, every other position gets 0."""
+    the target is picked among that position's logits, every other position gets 0. A 4-D head
+    ``[N, K, 1, 1]`` is seeded as ``[N, K]`` (the one-hot built on the flattened logits and
+    unsqueezed back)."""
     logits = graph.logits
     shape = graph.shape(logits)
-    if len(shape) != (3 if position is not None else 2) or shape[-1] is None:
+    axis = class_axis(shape) if position is None else len(shape) - 1
+    head = position is None and axis == 1 and len(shape) > 2  # [N, K, 1, ...]
+    if (len(shape) != (3 if position is not None else 2) and not head) or shape[axis] is None:
         raise UnsupportedModel(
             f"{graph.label}: the explained value '{logits.name}' has shape {logits.shape}; "
-            "a [batch, classes] or [batch, positions, classes] output with a static class "
-            "count is required"
+            "a [batch, classes], [batch, classes, 1, 1] or [batch, positions, classes] output "
+            "with a static class count is required"
         )
-    classes = int(shape[-1])
+    classes = int(shape[axis])  # type: ignore[arg-type]
     with b.scope("seed"):
         scores, at = logits, None
+        if head:
+            scores = b.op("Flatten", logits, tag="scores", axis=1)
         if position is not None:
             length = b.op("Shape", logits, tag="length", start=1, end=2)
             fixed = b.op("Where", b.op("Less", position, b.scalar(0, np.int64), tag="from_end"),
@@ -68,6 +75,9 @@ def _seed(b: Builder, graph: Graph, target: gs.Variable, position: gs.Variable |
         chosen = b.op("Where", b.op("Less", target, b.scalar(0, np.int64), tag="auto"), best,
                       target, tag="target")
         onehot = _onehot(b, chosen, b.ints([classes]), "onehot")
+        if head:
+            onehot = b.op("Unsqueeze", onehot, b.ints(list(range(2, len(shape)))),
+                          tag="onehot/expand")
         if at is not None:
             onehot = b.op("Mul", b.op("Unsqueeze", at, b.ints([2]), tag="at/expand"),
                           b.op("Unsqueeze", onehot, b.ints([1]), tag="onehot/expand"),

@@ -12,6 +12,7 @@ several float inputs, the explained one (:func:`read_record`, :func:`seed_mode`)
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import onnx
@@ -30,6 +31,15 @@ OUTPUT_RELEVANCE = "output_relevance"
 SEED_TARGET, SEED_OUTPUT_RELEVANCE = "target", "output_relevance"
 #: Metadata key of the compiled model's record (rules, explained output, version).
 RECORD_KEY = "lrp_onnx"
+
+
+def class_axis(shape: Sequence[int | str | None]) -> int:
+    """The axis of the classes in an explained output of shape ``shape``: 1 for ``[N, K, 1, ...]``
+    (rank 4 or more, every dim after ``K`` of size 1: a 1×1-conv classifier or a
+    GlobalAveragePool without Flatten, explained as ``[N, K]``), else the last."""
+    if len(shape) >= 4 and all(d == 1 for d in shape[2:]):
+        return 1
+    return len(shape) - 1
 
 
 def per_layer_name(layer: Layer, k: int, n_inputs: int) -> str:

@@ -1,10 +1,15 @@
-"""Layer normalization: AttnLRP's identity rule on the division by σ (Prop. 3.4).
+"""Normalizations: LayerNorm/RMSNorm (AttnLRP's identity rule on the division by σ) and LRN.
 
 ``y = γ (x − μ(x)) / σ(x) + β`` with σ held constant: the centring is linear (ε-rule), the
 scalings by ``1/σ`` and ``γ`` are elementwise (identity) and ``β`` absorbs its share. This is
 the LN-rule of Ali et al. (ICML 2022) and what LXT computes (``std.detach()``). RMS
 normalization ``y = γ x / rms(x)`` (Llama) is the same with no centring and no ``β``: with the
 rms held constant (LXT's ``LlamaRMSNorm`` patch detaches ``rsqrt``) it is an elementwise scaling.
+
+Local response normalization ``y = x / (bias + α/size Σ_window x²)^β`` (AlexNet, GoogLeNet) is
+the same with the denominator held constant: an elementwise scaling, through which the z-rule
+at ε = 0 passes relevance unchanged. So relevance passes it as it is (the Caffe LRP toolbox's and
+iNNvestigate's treatment), whatever rule the composite gives it (docs/wild-models.md).
 """
 
 from __future__ import annotations
@@ -18,12 +23,12 @@ from onnx import helper
 
 from lrp_onnx.emit.builder import Builder
 from lrp_onnx.emit.denominators import divide
-from lrp_onnx.emit.registry import Kind, Support, conserves_default, emitter
+from lrp_onnx.emit.registry import Kind, Sign, Support, conserves_default, emitter
 from lrp_onnx.errors import UnsupportedOp, node_label
 from lrp_onnx.frontend.graph import Graph, attr
 from lrp_onnx.frontend.layers import Layer
 from lrp_onnx.frontend.patterns import match_layer_norm, match_rms_norm
-from lrp_onnx.rules.core import Z_RULES, PassRule, Rule, rule_eps
+from lrp_onnx.rules.core import ROUTING_RULES, Z_RULES, PassRule, Rule, rule_eps
 
 
 def _summary(graph: Graph, layer: Layer) -> str:
@@ -159,3 +164,21 @@ def rms_norm(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.
     t = b.op("Div", gv, unit.rms, tag="g") if unit.inv is None else \
         b.op("Mul", gv, unit.inv, tag="g")
     return [b.factored(b.op("Mul", unit.x, t, tag="R"), unit.x, t)]
+
+
+def _lrn_summary(graph: Graph, layer: Layer) -> str:
+    return f"LRN({int(attr(layer.primary, 'size', graph.opset, 0))})"
+
+
+def _lrn_bias_nonneg(graph: Graph, node: gs.Node) -> bool:
+    """With ``bias >= 0`` the denominator is positive, so ``y`` has the sign of ``x``."""
+    return float(attr(node, "bias", graph.opset, 1.0)) >= 0.0
+
+
+@emitter("LRN", kind=Kind.NORMALIZATION, rules=ROUTING_RULES, groups=("NormalizationLayer",),
+         summary=_lrn_summary, sign=Sign.PRESERVES, sign_condition=_lrn_bias_nonneg,
+         support=Support.ROUTING)
+def lrn(b: Builder, layer: Layer, rule: Rule, r_out: gs.Tensor) -> list[gs.Tensor | None]:
+    """``R = R'``: relevance passes a local response normalization unchanged (its denominator
+    held constant; the Caffe LRP toolbox's and iNNvestigate's rule)."""
+    return [r_out]
