@@ -97,31 +97,168 @@ class Group:
     mask: str | None = None
 
 
+# -- hyper-parameter checks -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric hyper-parameter may take: always a finite number, and ``> low``
+    (``strict``) or ``>= low``. ``text`` says so in the words every error message uses."""
+
+    low: float = -math.inf
+    strict: bool = False
+
+    @property
+    def text(self) -> str:
+        if self.low == -math.inf:
+            return "a finite number"
+        return f"a finite number {'>' if self.strict else '>='} {self.low:g}"
+
+    def allows(self, value: float) -> bool:
+        return math.isfinite(value) and (value > self.low if self.strict else value >= self.low)
+
+
+#: Any finite number.
+FINITE = Range()
+#: A finite number >= 0 (stabilizers, where 0 means the limit ε → 0; gamma; alpha and beta).
+NON_NEGATIVE = Range(0.0)
+
+
+def _shown_value(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_number(owner: str, name: str, value: Any, allowed: Range = FINITE) -> float:
+    """``value`` as a float, or a ``ValueError`` saying what is allowed.
+
+    The one check of every numeric hyper-parameter (rules and presets): a real number (not a
+    boolean, not a string), finite, within ``allowed``. The message reads
+    ``"EpsilonRule: epsilon must be a finite number >= 0, got nan"``.
+    """
+    problem = ValueError(f"{owner}: {name} must be {allowed.text}, got {_shown_value(value)}")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                     np.floating)):
+        raise problem
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        raise problem from None
+    if not allowed.allows(number):
+        raise problem
+    return number
+
+
+def check_bool(owner: str, name: str, value: Any) -> bool:
+    """``value`` if it is ``True`` or ``False``, else a ``ValueError``."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{owner}: {name} must be True or False, got {_shown_value(value)}")
+    return bool(value)
+
+
+def check_bounds(owner: str, low: Any, high: Any
+                 ) -> tuple[float | tuple[Any, ...], float | tuple[Any, ...]]:
+    """ZBox-style bounds: finite numbers or non-empty arrays of them (as nested tuples), that
+    broadcast together, with ``low <= high`` elementwise; else a ``ValueError``."""
+    arrays = []
+    for name, value in (("low", low), ("high", high)):
+        allowed = "a finite number or a non-empty array of finite numbers"
+        problem = ValueError(f"{owner}: {name} must be {allowed}, got {_shown_value(value)}")
+        try:
+            raw = np.asarray(value)
+            if raw.dtype.kind not in "iuf" or raw.size == 0:
+                raise problem
+            arr = raw.astype(np.float64)
+        except (TypeError, ValueError, OverflowError):
+            raise problem from None
+        if not np.isfinite(arr).all():
+            raise problem
+        arrays.append(arr)
+    lo, hi = arrays
+    try:
+        shape = np.broadcast_shapes(lo.shape, hi.shape)
+    except ValueError:
+        raise ValueError(f"{owner}: low of shape {lo.shape} and high of shape {hi.shape} do not "
+                         "broadcast together") from None
+    lo_b, hi_b = np.broadcast_to(lo, shape), np.broadcast_to(hi, shape)
+    bad = np.argwhere(lo_b > hi_b)
+    if len(bad):
+        at = tuple(int(i) for i in bad[0])
+        where = f" at index {at}" if at else ""
+        raise ValueError(f"{owner}: low must be <= high elementwise, got low="
+                         f"{float(lo_b[at])!r} > high={float(hi_b[at])!r}{where}")
+    return _bound(lo), _bound(hi)
+
+
 # -- base classes --------------------------------------------------------------------------------
 @dataclass(frozen=True, repr=False)
 class Rule:
-    """Base of all rules. ``repr`` prints the hyper-parameters: ``EpsilonRule(epsilon=1e-06)``."""
+    """Base of all rules. ``repr`` prints the hyper-parameters: ``EpsilonRule(epsilon=1e-06)``.
+
+    Every hyper-parameter is checked where the rule is made (``__post_init__``): a float field
+    must be a finite number within the rule's ``_ranges`` (:data:`FINITE` where none is
+    given), a boolean field ``True`` or ``False``; anything else is a ``ValueError`` that says
+    what is allowed. ``spelling()`` is the text :func:`lrp_onnx.rules.rulefile.parse_rule`
+    reads back into an equal rule (the compiled model's metadata records it).
+    """
 
     #: Fields always shown by ``repr``; the others only when they differ from their default.
     _shown: ClassVar[tuple[str, ...]] = ()
+    #: The allowed range of each float field (default :data:`FINITE`).
+    _ranges: ClassVar[dict[str, Range]] = {}
+    #: Float fields that are stabilizers: 0 or, in the model's float type, a normal number.
+    _stabilizers: ClassVar[tuple[str, ...]] = ()
+    #: Fields that may hold arrays; the rule checks them itself (ZBox's bounds).
+    _arrays: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         # Hyper-parameters are floats: AlphaBetaRule(2, 1) == AlphaBetaRule(2.0, 1.0).
+        owner = type(self).__name__
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(f.default, float) and isinstance(value, (int, float, np.number)) \
-                    and not isinstance(value, bool):
-                object.__setattr__(self, f.name, float(value))
+            if f.name in self._arrays:
+                continue
+            if isinstance(f.default, bool):
+                object.__setattr__(self, f.name, check_bool(owner, f.name, value))
+            elif isinstance(f.default, float):
+                allowed = self._ranges.get(f.name, FINITE)
+                object.__setattr__(self, f.name, check_number(owner, f.name, value, allowed))
 
-    def __repr__(self) -> str:
+    def _text(self, full: bool) -> str:
         parts = []
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name in self._shown or value != f.default:
-                parts.append(f"{f.name}={_fmt(value)}")
+                parts.append(f"{f.name}={_spell(value) if full else _fmt(value)}")
         return f"{type(self).__name__}({', '.join(parts)})"
 
+    def __repr__(self) -> str:
+        return self._text(full=False)
+
     __str__ = __repr__
+
+    def spelling(self) -> str:
+        """The rule as text that :func:`~lrp_onnx.rules.rulefile.parse_rule` reads back into an
+        equal rule: ``repr`` with array bounds written out as nested lists."""
+        return self._text(full=True)
+
+    def dtype_problem(self, dtype: Any) -> str | None:
+        """Why the hyper-parameters do not fit a model computing in ``dtype`` (``None`` if they
+        do): every value at most half the type's largest finite number in magnitude (so
+        ``2 * eps`` and ``1 + gamma`` stay finite), and a non-zero stabilizer at least its
+        smallest normal number (smaller ones round to 0 or lose their precision)."""
+        info = np.finfo(dtype)
+        name = np.dtype(dtype).name
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (float, tuple)):
+                continue
+            largest = float(np.abs(np.asarray(value, dtype=np.float64)).max())
+            if largest > float(info.max) / 2:
+                return (f"{f.name}={_fmt(value)} is too large for {name} (at most "
+                        f"{float(info.max) / 2:.3g} in magnitude)")
+            if f.name in self._stabilizers and 0.0 < largest < float(info.tiny):
+                return (f"{f.name}={_fmt(value)} is too small for {name}: use 0 (the limit "
+                        f"eps -> 0) or a value >= {float(info.tiny):.3g}")
+        return None
 
 
 def _fmt(value: Any) -> str:
@@ -130,11 +267,19 @@ def _fmt(value: Any) -> str:
     return repr(value)
 
 
+def _spell(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_spell(v) for v in value) + "]"
+    return repr(value)
+
+
 @dataclass(frozen=True, repr=False)
 class LinearRule(Rule):
     """A rule expressed as modified forward passes (see the module docstring)."""
 
     multiply_input: ClassVar[bool] = True
+    _ranges: ClassVar[dict[str, Range]] = {"stabilizer": NON_NEGATIVE}
+    _stabilizers: ClassVar[tuple[str, ...]] = ("stabilizer",)
 
     @property
     def eps(self) -> float:
@@ -158,6 +303,9 @@ class ZeroRule(LinearRule):
     (``R = x * J^T (R' / stab(f(x)))``); on reshaping layers, dropout and activations it
     passes relevance through. Default stabilizer 1e-6 (Zennit's; RelevancePropagation.jl uses
     1e-9), which makes pooling layers agree with Zennit's ``Norm`` rule exactly.
+
+    Valid: ``stabilizer`` a finite number >= 0 (as for every rule, 0 is the limit ε → 0: a zero
+    denominator counts as 1, so ``0 / 0`` gives 0).
     """
 
     stabilizer: float = DEFAULT_STABILIZER
@@ -176,11 +324,15 @@ class EpsilonRule(LinearRule):
     is ``g`` itself, with no division (the gradient form: gradient × input, as LXT computes it,
     so at an exact ``z = 0`` the unit passes ``g`` on); elsewhere ``R / z`` with ``R / 0``
     taken as ``R`` (zero, as the relevance at a zero value is for these rules).
+
+    Valid: ``epsilon`` a finite number >= 0.
     """
 
     epsilon: float = 1e-6
     zero_bias: bool = False
     _shown: ClassVar[tuple[str, ...]] = ("epsilon",)
+    _ranges: ClassVar[dict[str, Range]] = {"epsilon": NON_NEGATIVE}
+    _stabilizers: ClassVar[tuple[str, ...]] = ("epsilon",)
 
     @property
     def eps(self) -> float:
@@ -197,12 +349,15 @@ class GammaRule(LinearRule):
     ``R_j = sum_i x_j (w_ij + γ w_ij⁺) R_i / stab(sum_l x_l (w_il + γ w_il⁺) + b_i + γ b_i⁺)``.
     Equal to Zennit's (generalised) ``Gamma`` on non-negative inputs of ReLU layers; see
     :class:`GeneralizedGammaRule` for the sign-aware form. Default ``gamma=0.25``.
+
+    Valid: ``gamma`` a finite number >= 0 (0 is LRP-0), ``stabilizer`` a finite number >= 0.
     """
 
     gamma: float = 0.25
     stabilizer: float = DEFAULT_STABILIZER
     zero_bias: bool = False
     _shown: ClassVar[tuple[str, ...]] = ("gamma",)
+    _ranges: ClassVar[dict[str, Range]] = {"gamma": NON_NEGATIVE, "stabilizer": NON_NEGATIVE}
 
     def groups(self) -> tuple[Group, ...]:
         g = Mod("gamma_pos", self.gamma)
@@ -216,12 +371,15 @@ class GeneralizedGammaRule(LinearRule):
     Outputs with z>0: ``x⁺ (W+γW⁺)ᵀ s⁺ + x⁻ (W+γW⁻)ᵀ s⁺`` with
     ``s⁺ = 1[z>0] R / stab((W+γW⁺)x⁺ + (W+γW⁻)x⁻ + b + γb⁺)``; outputs with z<0 the mirror image
     with ``W+γW⁻`` on x⁺, ``W+γW⁺`` on x⁻ and bias ``b + γb⁻``. Default ``gamma=0.25``.
+
+    Valid: ``gamma`` a finite number >= 0, ``stabilizer`` a finite number >= 0.
     """
 
     gamma: float = 0.25
     stabilizer: float = DEFAULT_STABILIZER
     zero_bias: bool = False
     _shown: ClassVar[tuple[str, ...]] = ("gamma",)
+    _ranges: ClassVar[dict[str, Range]] = {"gamma": NON_NEGATIVE, "stabilizer": NON_NEGATIVE}
 
     def groups(self) -> tuple[Group, ...]:
         up, down = Mod("gamma_pos", self.gamma), Mod("gamma_neg", self.gamma)
@@ -238,6 +396,7 @@ class ZPlusRule(LinearRule):
     """LRP-z⁺ (= AlphaBeta(1, 0)): ``R = x⁺ W⁺ᵀ s + x⁻ W⁻ᵀ s``, ``s = R' / stab(W⁺x⁺ + W⁻x⁻ + b⁺)``.
 
     The positive bias is in the denominator, as in Zennit and RelevancePropagation.jl.
+    Valid: ``stabilizer`` a finite number >= 0.
     """
 
     stabilizer: float = DEFAULT_STABILIZER
@@ -253,7 +412,8 @@ class AlphaBetaRule(LinearRule):
     """LRP-αβ: ``α (x⁺W⁺ᵀ s⁺ + x⁻W⁻ᵀ s⁺) − β (x⁺W⁻ᵀ s⁻ + x⁻W⁺ᵀ s⁻)``.
 
     ``s⁺ = R / stab(W⁺x⁺ + W⁻x⁻ + b⁺)``, ``s⁻ = R / stab(W⁻x⁺ + W⁺x⁻ + b⁻)``. Requires
-    ``alpha, beta >= 0`` and ``alpha - beta == 1``. Defaults ``alpha=2, beta=1``.
+    ``alpha, beta >= 0`` (finite) and ``alpha - beta == 1``. Defaults ``alpha=2, beta=1``.
+    Valid ``stabilizer``: a finite number >= 0.
     """
 
     alpha: float = 2.0
@@ -261,12 +421,11 @@ class AlphaBetaRule(LinearRule):
     stabilizer: float = DEFAULT_STABILIZER
     zero_bias: bool = False
     _shown: ClassVar[tuple[str, ...]] = ("alpha", "beta")
+    _ranges: ClassVar[dict[str, Range]] = {"alpha": NON_NEGATIVE, "beta": NON_NEGATIVE,
+                                           "stabilizer": NON_NEGATIVE}
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.alpha < 0 or self.beta < 0:
-            raise ValueError(f"AlphaBetaRule: alpha and beta must be >= 0, got "
-                             f"alpha={self.alpha}, beta={self.beta}")
         if not math.isclose(self.alpha - self.beta, 1.0, rel_tol=0, abs_tol=1e-12):
             raise ValueError(f"AlphaBetaRule: alpha - beta must equal 1, got "
                              f"alpha={self.alpha}, beta={self.beta}")
@@ -285,6 +444,7 @@ class WSquareRule(LinearRule):
 
     Follows Zennit: ``b²`` is in the denominator unless ``zero_bias=True``
     (RelevancePropagation.jl's ``WSquareRule`` equals ``WSquareRule(zero_bias=True)``).
+    Valid: ``stabilizer`` a finite number >= 0.
     """
 
     stabilizer: float = DEFAULT_STABILIZER
@@ -300,6 +460,7 @@ class FlatRule(LinearRule):
     """LRP-flat: ``R_j = sum_i R_i / stab(n_i)``, ``n_i`` the in-bounds inputs of output i.
 
     Weights are replaced by ones and the bias by zero; zero padding is not counted.
+    Valid: ``stabilizer`` a finite number >= 0.
     """
 
     stabilizer: float = DEFAULT_STABILIZER
@@ -330,6 +491,11 @@ class ZBoxRule(LinearRule):
     ``low``/``high`` are scalars or arrays broadcastable to one sample's shape (e.g. per channel
     ``(C, 1, 1)``). Follows Zennit and RelevancePropagation.jl v4: all terms use the affine map
     (v3 routed ``z`` through the layer's activation).
+
+    Valid: ``low`` and ``high`` finite numbers or non-empty arrays of them that broadcast
+    together, with ``low <= high`` elementwise (checked here); array bounds must also broadcast
+    to one sample of the layer's input (checked when the model is compiled, naming the input).
+    ``stabilizer`` a finite number >= 0.
     """
 
     low: float | tuple[Any, ...] = 0.0
@@ -337,11 +503,13 @@ class ZBoxRule(LinearRule):
     stabilizer: float = DEFAULT_STABILIZER
     zero_bias: bool = False
     _shown: ClassVar[tuple[str, ...]] = ("low", "high")
+    _arrays: ClassVar[tuple[str, ...]] = ("low", "high")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "low", _bound(self.low))
-        object.__setattr__(self, "high", _bound(self.high))
+        low, high = check_bounds(type(self).__name__, self.low, self.high)
+        object.__setattr__(self, "low", low)
+        object.__setattr__(self, "high", high)
 
     def groups(self) -> tuple[Group, ...]:
         zb = self.zero_bias
@@ -358,9 +526,13 @@ class UniformRule(Rule):
     On ``Mul(a, b)``: ``R_a = R_b = a b R / stab(2ab)`` (``R/2`` each up to the stabilizer); on a
     MatMul of two activations ``O = A B``: ``R_A = A * ((R / stab(2O)) Bᵀ)``, ``R_B = B * (Aᵀ
     (R / stab(2O)))``. Default ``epsilon=0`` (the limit ε → 0, as LXT computes it).
+
+    Valid: ``epsilon`` a finite number >= 0.
     """
 
     epsilon: float = 0.0
+    _ranges: ClassVar[dict[str, Range]] = {"epsilon": NON_NEGATIVE}
+    _stabilizers: ClassVar[tuple[str, ...]] = ("epsilon",)
 
     @property
     def eps(self) -> float:
@@ -370,14 +542,16 @@ class UniformRule(Rule):
 
 @dataclass(frozen=True, repr=False)
 class PassRule(Rule):
-    """Relevance passes through unchanged (``R = reshape(R')``): activations, reshapes, dropout."""
+    """Relevance passes through unchanged (``R = reshape(R')``): activations, reshapes, dropout.
+    No hyper-parameters."""
 
 
 @dataclass(frozen=True, repr=False)
 class GradientRule(Rule):
     """The layer's plain gradient applied to the relevance (``R_in = J^T R'``): what Zennit does
     for every op it has no rule for. On a gating ``Mul(x, g)`` it sends ``g R'`` to x and
-    ``x R'`` to the gate (not conservative); use it to reproduce Zennit's numbers."""
+    ``x R'`` to the gate (not conservative); use it to reproduce Zennit's numbers. No
+    hyper-parameters."""
 
 
 #: Rules the z-rule family of non-linear layers (pooling, Add) accepts.
