@@ -242,9 +242,9 @@ class Rule:
 
     def dtype_problem(self, dtype: Any) -> str | None:
         """Why the hyper-parameters do not fit a model computing in ``dtype`` (``None`` if they
-        do): every value at most half the type's largest finite number in magnitude (so
-        ``2 * eps`` and ``1 + gamma`` stay finite), and a non-zero stabilizer at least its
-        smallest normal number (smaller ones round to 0 or lose their precision)."""
+        do), checked when the model is compiled: every value at most half the type's largest
+        finite number in magnitude (so ``2 * eps`` and ``1 + gamma`` stay finite), and a
+        non-zero stabilizer at least :func:`smallest_stabilizer` (a smaller one is dropped)."""
         info = np.finfo(dtype)
         name = np.dtype(dtype).name
         for f in fields(self):
@@ -255,10 +255,22 @@ class Rule:
             if largest > float(info.max) / 2:
                 return (f"{f.name}={_fmt(value)} is too large for {name} (at most "
                         f"{float(info.max) / 2:.3g} in magnitude)")
-            if f.name in self._stabilizers and 0.0 < largest < float(info.tiny):
+            smallest = smallest_stabilizer(dtype)
+            if f.name in self._stabilizers and 0.0 < largest < smallest:
                 return (f"{f.name}={_fmt(value)} is too small for {name}: use 0 (the limit "
-                        f"eps -> 0) or a value >= {float(info.tiny):.3g}")
+                        f"eps -> 0) or a value >= {smallest:.3g}")
         return None
+
+
+def smallest_stabilizer(dtype: Any) -> float:
+    """The smallest non-zero stabilizer a model computing in ``dtype`` keeps: float32's
+    smallest normal number (1.2e-38), also for float64 models, because ONNX Runtime's graph
+    optimizer removes the addition of a constant that is 0 in float32 (``z + 1e-300`` becomes
+    ``z``, and ``0 / 0`` NaN); for float16 models at least float16's smallest subnormal."""
+    smallest = float(np.finfo(np.float32).tiny)
+    if np.dtype(dtype).itemsize < 4:
+        smallest = max(smallest, float(np.finfo(dtype).smallest_subnormal))
+    return smallest
 
 
 def _fmt(value: Any) -> str:

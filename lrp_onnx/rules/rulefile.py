@@ -107,6 +107,8 @@ def _primitive(entry: dict[str, Any], where: str) -> C.Primitive:
             return C.NameMap(str(entry["pattern"]), parse_rule(entry["rule"]))
     except KeyError as exc:
         raise RuleAssignmentError(f"{where}: {kind} needs the key {exc.args[0]!r}") from None
+    except RuleAssignmentError as exc:  # a rule's own message, said where it is
+        raise RuleAssignmentError(f"{where}: {exc}") from None
     except (TypeError, ValueError, OverflowError) as exc:
         raise RuleAssignmentError(f"{where}: {exc}") from None
     known = sorted([*_RULE_PRIMS, *_TYPE_PRIMS, "LayerMap", "RangeMap", "RangeTypeMap",
@@ -123,7 +125,10 @@ def composite_from_dict(data: dict[str, Any], label: str) -> C.Composite:
                                   "expected 'preset' and 'map'")
     prims: list[C.Primitive] = []
     if "preset" in data:
-        prims += list(P.parse_composite(str(data["preset"])).primitives)
+        try:
+            prims += list(P.parse_composite(str(data["preset"])).primitives)
+        except RuleAssignmentError as exc:
+            raise RuleAssignmentError(f"{label}: preset: {exc}") from None
     entries = data.get("map", [])
     if not isinstance(entries, list):
         raise RuleAssignmentError(f"{label}: 'map' must be a list of tables")

@@ -12,6 +12,7 @@ caller's part: it catches the :class:`SpellingError` subclasses below.
 from __future__ import annotations
 
 import ast
+import warnings
 from typing import Any, Literal
 
 from lrp_onnx.errors import LRPError
@@ -82,7 +83,9 @@ def parse_spelling(text: str, *, booleans: bool = False,
         BadKeywordsError: see ``keywords``.
     """
     try:
-        tree = ast.parse(text.strip(), mode="eval").body
+        with warnings.catch_warnings():  # "invalid decimal literal" and the like: not ours to print
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(text.strip(), mode="eval").body
     except (SyntaxError, ValueError, RecursionError, MemoryError):  # null bytes, deep nesting
         raise NotACallError(f"{text!r} does not parse") from None
     if isinstance(tree, ast.Name):
