@@ -82,9 +82,12 @@ def _positions(value: Any, where: str) -> range:
 
 
 def _primitive(entry: dict[str, Any], where: str) -> C.Primitive:
-    kind = entry.get("type")
+    if "type" not in entry:
+        raise RuleAssignmentError(f"{where}: needs the key 'type' (a primitive name)")
+    kind = entry["type"]
     if not isinstance(kind, str):
-        kind = repr(kind)
+        raise RuleAssignmentError(f"{where}: 'type' must be a primitive name (a string), not "
+                                  f"{quoted(kind)}")
     try:
         if kind in _RULE_PRIMS:
             return _RULE_PRIMS[kind](parse_rule(entry["rule"]))
