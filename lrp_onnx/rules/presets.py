@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from lrp_onnx.errors import RuleAssignmentError
+from lrp_onnx.rules.checks import NON_NEGATIVE, check_bounds, check_number
 from lrp_onnx.rules.composites import (
     ActivationLayer,
     Composite,
@@ -22,7 +23,6 @@ from lrp_onnx.rules.composites import (
     ReshapingLayer,
 )
 from lrp_onnx.rules.core import (
-    NON_NEGATIVE,
     AlphaBetaRule,
     EpsilonRule,
     FlatRule,
@@ -33,8 +33,6 @@ from lrp_onnx.rules.core import (
     UniformRule,
     ZBoxRule,
     ZPlusRule,
-    check_bounds,
-    check_number,
 )
 from lrp_onnx.rules.spelling import (
     BadKeywordsError,
