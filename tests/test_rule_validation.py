@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 
 from conftest import MODELS, ort_session
@@ -406,6 +407,29 @@ def test_extreme_values_compile_in_float64_and_read_back() -> None:
         kind, composite = _placed(rule, "dense")
         with pytest.raises(RuleNotApplicable, match="too small for float64: use 0"):
             LRP(_model(kind, np.float64), composite)
+
+
+def test_cli_check_reads_back_array_bounds(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """The issue's path end to end: a rule file with per-channel ZBox bounds, ``convert``, then
+    ``lrp-onnx check`` on the compiled file reads the recorded rules back and passes."""
+    from lrp_onnx.cli.main import main
+
+    rules = tmp_path / "box.toml"
+    rules.write_text('preset = "EpsilonPlus"\n[[map]]\ntype = "FirstLayerTypeMap"\n'
+                     'rules = { Conv = "ZBoxRule(low=[[[-2.1]], [[-2.0]], [[-1.8]]], '
+                     'high=[[[2.2]], [[2.4]], [[2.6]]])" }\n')
+    out = tmp_path / "box.onnx"
+    assert main(["convert", str(SEED_MODEL), str(out), "--rules", str(rules)]) == 0
+    recorded = [la["rule"] for la in read_record(onnx.load(str(out)))["layers"]]
+    assert "ZBoxRule(low=[[[-2.1]], [[-2.0]], [[-1.8]]], high=[[[2.2]], [[2.4]], [[2.6]]])" \
+        in recorded
+    capsys.readouterr()
+    code = main(["check", str(out), "--json", "--samples", "2"])
+    report = json.loads(capsys.readouterr().out)
+    results = {r["name"]: r for r in report["results"]}
+    assert code == 0 and results["recorded_rules"]["ok"], results
+    assert results["relevance_finite"]["ok"]
 
 
 # -- parse_composite: random and near-valid strings ----------------------------------------------
