@@ -346,7 +346,7 @@ def test_every_rule_spelling_reads_back() -> None:
         assert "\n" not in repr(rule)
 
 
-ROUND_TRIPS = 60
+ROUND_TRIPS = 120
 
 
 def test_recorded_rules_read_back_and_relevance_is_finite() -> None:
