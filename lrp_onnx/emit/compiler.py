@@ -31,7 +31,7 @@ from lrp_onnx.emit.contract import (
 from lrp_onnx.emit.optimizations import Optimizations
 from lrp_onnx.emit.registry import OpSpec, resolve_entries
 from lrp_onnx.emit.relevance_support import relu_covers
-from lrp_onnx.errors import UnsupportedModel
+from lrp_onnx.errors import RuleNotApplicable, UnsupportedModel, node_label
 from lrp_onnx.frontend.graph import Graph, float_dtype
 from lrp_onnx.frontend.layers import Layer
 from lrp_onnx.frontend.load import run_onnx_checker, shape_inference_error, skeleton
@@ -202,6 +202,11 @@ def compile_layers(graph: Graph, layers: Sequence[Layer], rules: Sequence[Rule],
             raise UnsupportedModel(f"{graph.label}: the model already has a value named "
                                    f"'{name}', which the compiled model's contract reserves")
     b = Builder(graph, optimizations)
+    for layer, rule in zip(layers, rules):  # hyper-parameters the model's float type can hold
+        problem = rule.dtype_problem(b.dtype)
+        if problem is not None:
+            raise RuleNotApplicable(f"{rule!r} on layer {layer.index + 1} "
+                                    f"{node_label(layer.name, layer.kind)}: {problem}")
     if b.options.relu_denominators:
         b.relu_covers = relu_covers(graph, layers, rules)
     batch = graph.fed_input.shape[0]
@@ -347,7 +352,8 @@ def _export(graph: Graph, meta: onnx.ModelProto | None, layers: Sequence[Layer],
         "normalize_output_relevance": normalize,
         "explained_output": graph.explained.name,
         "logits": graph.logits.name,
-        "layers": [{"index": la.index + 1, "nodes": list(la.node_names), "rule": repr(r)}
+        "layers": [{"index": la.index + 1, "nodes": list(la.node_names),
+                    "rule": r.spelling()}
                    for la, r in zip(layers, rules)],
     }
     # Written only where they say something, so that other models keep their exact bytes.

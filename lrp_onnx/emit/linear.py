@@ -149,7 +149,7 @@ def _select(b: Builder, layer: Layer, x: gs.Tensor, sel: Sel, rule: LinearRule,
             shown = tuple("?" if d is None else d for d in sample)
             raise RuleNotApplicable(
                 f"{rule!r} on layer '{layer.name}': bound of shape {bound.shape} does not "
-                f"broadcast to the input sample shape {shown}"
+                f"broadcast to one sample of its input '{x.name}', shape {shown}"
             ) from None
         if None in sample:  # per-channel bound, broadcast over H/W at run time
             out = b.filled_like(_first(b, x), b.const(full, sel.value), tag=sel.value)

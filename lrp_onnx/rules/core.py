@@ -21,6 +21,16 @@ from typing import Any, ClassVar, cast
 
 import numpy as np
 
+from lrp_onnx.rules.checks import (
+    FINITE,
+    NON_NEGATIVE,
+    Range,
+    check_bool,
+    check_bounds,
+    check_number,
+    smallest_stabilizer,
+)
+
 #: Default stabilizer of every rule (Zennit's convention; RelevancePropagation.jl uses 1e-9 for
 #: the non-epsilon rules).
 DEFAULT_STABILIZER = 1e-6
@@ -100,28 +110,77 @@ class Group:
 # -- base classes --------------------------------------------------------------------------------
 @dataclass(frozen=True, repr=False)
 class Rule:
-    """Base of all rules. ``repr`` prints the hyper-parameters: ``EpsilonRule(epsilon=1e-06)``."""
+    """Base of all rules. ``repr`` prints the hyper-parameters: ``EpsilonRule(epsilon=1e-06)``.
+
+    Every hyper-parameter is checked where the rule is made (``__post_init__``): a float field
+    must be a finite number within the rule's ``_ranges`` (:data:`FINITE` where none is
+    given), a boolean field ``True`` or ``False``; anything else is a ``ValueError`` that says
+    what is allowed. ``spelling()`` is the text :func:`lrp_onnx.rules.rulefile.parse_rule`
+    reads back into an equal rule (the compiled model's metadata records it).
+    """
 
     #: Fields always shown by ``repr``; the others only when they differ from their default.
     _shown: ClassVar[tuple[str, ...]] = ()
+    #: The allowed range of each float field (default :data:`FINITE`).
+    _ranges: ClassVar[dict[str, Range]] = {}
+    #: Float fields that are stabilizers: 0 or at least :func:`smallest_stabilizer` when compiled.
+    _stabilizers: ClassVar[tuple[str, ...]] = ()
+    #: Fields that may hold arrays; the rule checks them itself (ZBox's bounds).
+    _arrays: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         # Hyper-parameters are floats: AlphaBetaRule(2, 1) == AlphaBetaRule(2.0, 1.0).
+        owner = type(self).__name__
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(f.default, float) and isinstance(value, (int, float, np.number)) \
-                    and not isinstance(value, bool):
-                object.__setattr__(self, f.name, float(value))
+            if f.name in self._arrays:
+                continue
+            if isinstance(f.default, bool):
+                object.__setattr__(self, f.name, check_bool(owner, f.name, value))
+            elif isinstance(f.default, float):
+                allowed = self._ranges.get(f.name, FINITE)
+                object.__setattr__(self, f.name, check_number(owner, f.name, value, allowed))
 
-    def __repr__(self) -> str:
+    def _text(self, full: bool) -> str:
         parts = []
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name in self._shown or value != f.default:
-                parts.append(f"{f.name}={_fmt(value)}")
+                parts.append(f"{f.name}={_spell(value) if full else _fmt(value)}")
         return f"{type(self).__name__}({', '.join(parts)})"
 
+    def __repr__(self) -> str:
+        return self._text(full=False)
+
     __str__ = __repr__
+
+    def spelling(self) -> str:
+        """The rule as text that :func:`~lrp_onnx.rules.rulefile.parse_rule` reads back into an
+        equal rule: ``repr`` with array bounds written out as nested lists."""
+        return self._text(full=True)
+
+    def dtype_problem(self, dtype: Any) -> str | None:
+        """Why the hyper-parameters do not fit a model computing in ``dtype`` (``None`` if they
+        do), checked when the model is compiled: every value at most half the type's largest
+        finite number in magnitude (so ``2 * eps`` and ``1 + gamma`` stay finite), and a
+        non-zero stabilizer at least :func:`smallest_stabilizer` (a smaller one is dropped)."""
+        if not np.issubdtype(np.dtype(dtype), np.floating):
+            return None
+        info = np.finfo(dtype)
+        name = np.dtype(dtype).name
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (float, tuple)):
+                continue
+            largest = float(np.abs(np.asarray(value, dtype=np.float64)).max())
+            if largest > float(info.max) / 2:
+                return (f"{f.name}={_fmt(value)} is too large for {name} (at most "
+                        f"{float(info.max) / 2:.3g} in magnitude)")
+            smallest = smallest_stabilizer(dtype)
+            if f.name in self._stabilizers and 0.0 < largest < smallest:
+                return (f"{f.name}={_fmt(value)} is too small for {name}: use 0 (the limit "
+                        f"eps -> 0) or a value >= {smallest:.3g}")
+        return None
 
 
 def _fmt(value: Any) -> str:
@@ -130,11 +189,19 @@ def _fmt(value: Any) -> str:
     return repr(value)
 
 
+def _spell(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_spell(v) for v in value) + "]"
+    return repr(value)
+
+
 @dataclass(frozen=True, repr=False)
 class LinearRule(Rule):
     """A rule expressed as modified forward passes (see the module docstring)."""
 
     multiply_input: ClassVar[bool] = True
+    _ranges: ClassVar[dict[str, Range]] = {"stabilizer": NON_NEGATIVE}
+    _stabilizers: ClassVar[tuple[str, ...]] = ("stabilizer",)
 
     @property
     def eps(self) -> float:
@@ -158,6 +225,9 @@ class ZeroRule(LinearRule):
     (``R = x * J^T (R' / stab(f(x)))``); on reshaping layers, dropout and activations it
     passes relevance through. Default stabilizer 1e-6 (Zennit's; RelevancePropagation.jl uses
     1e-9), which makes pooling layers agree with Zennit's ``Norm`` rule exactly.
+
+    Valid: ``stabilizer`` a finite number >= 0 (as for every rule, 0 is the limit ε → 0: a zero
+    denominator counts as 1, so ``0 / 0`` gives 0).
     """
 
     stabilizer: float = DEFAULT_STABILIZER
@@ -176,11 +246,15 @@ class EpsilonRule(LinearRule):
     is ``g`` itself, with no division (the gradient form: gradient × input, as LXT computes it,
     so at an exact ``z = 0`` the unit passes ``g`` on); elsewhere ``R / z`` with ``R / 0``
     taken as ``R`` (zero, as the relevance at a zero value is for these rules).
+
+    Valid: ``epsilon`` a finite number >= 0.
     """
 
     epsilon: float = 1e-6
     zero_bias: bool = False
     _shown: ClassVar[tuple[str, ...]] = ("epsilon",)
+    _ranges: ClassVar[dict[str, Range]] = {"epsilon": NON_NEGATIVE}
+    _stabilizers: ClassVar[tuple[str, ...]] = ("epsilon",)
 
     @property
     def eps(self) -> float:
@@ -197,12 +271,15 @@ class GammaRule(LinearRule):
     ``R_j = sum_i x_j (w_ij + γ w_ij⁺) R_i / stab(sum_l x_l (w_il + γ w_il⁺) + b_i + γ b_i⁺)``.
     Equal to Zennit's (generalised) ``Gamma`` on non-negative inputs of ReLU layers; see
     :class:`GeneralizedGammaRule` for the sign-aware form. Default ``gamma=0.25``.
+
+    Valid: ``gamma`` a finite number >= 0 (0 is LRP-0), ``stabilizer`` a finite number >= 0.
     """
 
     gamma: float = 0.25
     stabilizer: float = DEFAULT_STABILIZER
     zero_bias: bool = False
     _shown: ClassVar[tuple[str, ...]] = ("gamma",)
+    _ranges: ClassVar[dict[str, Range]] = {"gamma": NON_NEGATIVE, "stabilizer": NON_NEGATIVE}
 
     def groups(self) -> tuple[Group, ...]:
         g = Mod("gamma_pos", self.gamma)
@@ -216,12 +293,15 @@ class GeneralizedGammaRule(LinearRule):
     Outputs with z>0: ``x⁺ (W+γW⁺)ᵀ s⁺ + x⁻ (W+γW⁻)ᵀ s⁺`` with
     ``s⁺ = 1[z>0] R / stab((W+γW⁺)x⁺ + (W+γW⁻)x⁻ + b + γb⁺)``; outputs with z<0 the mirror image
     with ``W+γW⁻`` on x⁺, ``W+γW⁺`` on x⁻ and bias ``b + γb⁻``. Default ``gamma=0.25``.
+
+    Valid: ``gamma`` a finite number >= 0, ``stabilizer`` a finite number >= 0.
     """
 
     gamma: float = 0.25
     stabilizer: float = DEFAULT_STABILIZER
     zero_bias: bool = False
     _shown: ClassVar[tuple[str, ...]] = ("gamma",)
+    _ranges: ClassVar[dict[str, Range]] = {"gamma": NON_NEGATIVE, "stabilizer": NON_NEGATIVE}
 
     def groups(self) -> tuple[Group, ...]:
         up, down = Mod("gamma_pos", self.gamma), Mod("gamma_neg", self.gamma)
@@ -238,6 +318,7 @@ class ZPlusRule(LinearRule):
     """LRP-z⁺ (= AlphaBeta(1, 0)): ``R = x⁺ W⁺ᵀ s + x⁻ W⁻ᵀ s``, ``s = R' / stab(W⁺x⁺ + W⁻x⁻ + b⁺)``.
 
     The positive bias is in the denominator, as in Zennit and RelevancePropagation.jl.
+    Valid: ``stabilizer`` a finite number >= 0.
     """
 
     stabilizer: float = DEFAULT_STABILIZER
@@ -253,7 +334,8 @@ class AlphaBetaRule(LinearRule):
     """LRP-αβ: ``α (x⁺W⁺ᵀ s⁺ + x⁻W⁻ᵀ s⁺) − β (x⁺W⁻ᵀ s⁻ + x⁻W⁺ᵀ s⁻)``.
 
     ``s⁺ = R / stab(W⁺x⁺ + W⁻x⁻ + b⁺)``, ``s⁻ = R / stab(W⁻x⁺ + W⁺x⁻ + b⁻)``. Requires
-    ``alpha, beta >= 0`` and ``alpha - beta == 1``. Defaults ``alpha=2, beta=1``.
+    ``alpha, beta >= 0`` (finite) and ``alpha - beta == 1``. Defaults ``alpha=2, beta=1``.
+    Valid ``stabilizer``: a finite number >= 0.
     """
 
     alpha: float = 2.0
@@ -261,12 +343,11 @@ class AlphaBetaRule(LinearRule):
     stabilizer: float = DEFAULT_STABILIZER
     zero_bias: bool = False
     _shown: ClassVar[tuple[str, ...]] = ("alpha", "beta")
+    _ranges: ClassVar[dict[str, Range]] = {"alpha": NON_NEGATIVE, "beta": NON_NEGATIVE,
+                                           "stabilizer": NON_NEGATIVE}
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.alpha < 0 or self.beta < 0:
-            raise ValueError(f"AlphaBetaRule: alpha and beta must be >= 0, got "
-                             f"alpha={self.alpha}, beta={self.beta}")
         if not math.isclose(self.alpha - self.beta, 1.0, rel_tol=0, abs_tol=1e-12):
             raise ValueError(f"AlphaBetaRule: alpha - beta must equal 1, got "
                              f"alpha={self.alpha}, beta={self.beta}")
@@ -285,6 +366,7 @@ class WSquareRule(LinearRule):
 
     Follows Zennit: ``b²`` is in the denominator unless ``zero_bias=True``
     (RelevancePropagation.jl's ``WSquareRule`` equals ``WSquareRule(zero_bias=True)``).
+    Valid: ``stabilizer`` a finite number >= 0.
     """
 
     stabilizer: float = DEFAULT_STABILIZER
@@ -300,6 +382,7 @@ class FlatRule(LinearRule):
     """LRP-flat: ``R_j = sum_i R_i / stab(n_i)``, ``n_i`` the in-bounds inputs of output i.
 
     Weights are replaced by ones and the bias by zero; zero padding is not counted.
+    Valid: ``stabilizer`` a finite number >= 0.
     """
 
     stabilizer: float = DEFAULT_STABILIZER
@@ -307,19 +390,6 @@ class FlatRule(LinearRule):
 
     def groups(self) -> tuple[Group, ...]:
         return (Group(1.0, (Term(Sel.ONES, ONES, ZERO),)),)
-
-
-def _bound(value: Any) -> float | tuple[Any, ...]:
-    if isinstance(value, (int, float, np.floating, np.integer)):
-        return float(value)
-    arr = np.asarray(value, dtype=np.float64)
-    if arr.ndim == 0:
-        return float(arr)
-
-    def nest(x: Any) -> Any:
-        return tuple(nest(v) for v in x) if isinstance(x, list) else float(x)
-
-    return tuple(nest(arr.tolist()))
 
 
 @dataclass(frozen=True, repr=False)
@@ -330,6 +400,11 @@ class ZBoxRule(LinearRule):
     ``low``/``high`` are scalars or arrays broadcastable to one sample's shape (e.g. per channel
     ``(C, 1, 1)``). Follows Zennit and RelevancePropagation.jl v4: all terms use the affine map
     (v3 routed ``z`` through the layer's activation).
+
+    Valid: ``low`` and ``high`` finite numbers or non-empty arrays of them that broadcast
+    together, with ``low <= high`` elementwise (checked here); array bounds must also broadcast
+    to one sample of the layer's input (checked when the model is compiled, naming the input).
+    ``stabilizer`` a finite number >= 0.
     """
 
     low: float | tuple[Any, ...] = 0.0
@@ -337,11 +412,13 @@ class ZBoxRule(LinearRule):
     stabilizer: float = DEFAULT_STABILIZER
     zero_bias: bool = False
     _shown: ClassVar[tuple[str, ...]] = ("low", "high")
+    _arrays: ClassVar[tuple[str, ...]] = ("low", "high")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "low", _bound(self.low))
-        object.__setattr__(self, "high", _bound(self.high))
+        low, high = check_bounds(type(self).__name__, self.low, self.high)
+        object.__setattr__(self, "low", low)
+        object.__setattr__(self, "high", high)
 
     def groups(self) -> tuple[Group, ...]:
         zb = self.zero_bias
@@ -358,9 +435,13 @@ class UniformRule(Rule):
     On ``Mul(a, b)``: ``R_a = R_b = a b R / stab(2ab)`` (``R/2`` each up to the stabilizer); on a
     MatMul of two activations ``O = A B``: ``R_A = A * ((R / stab(2O)) Bᵀ)``, ``R_B = B * (Aᵀ
     (R / stab(2O)))``. Default ``epsilon=0`` (the limit ε → 0, as LXT computes it).
+
+    Valid: ``epsilon`` a finite number >= 0.
     """
 
     epsilon: float = 0.0
+    _ranges: ClassVar[dict[str, Range]] = {"epsilon": NON_NEGATIVE}
+    _stabilizers: ClassVar[tuple[str, ...]] = ("epsilon",)
 
     @property
     def eps(self) -> float:
@@ -370,14 +451,16 @@ class UniformRule(Rule):
 
 @dataclass(frozen=True, repr=False)
 class PassRule(Rule):
-    """Relevance passes through unchanged (``R = reshape(R')``): activations, reshapes, dropout."""
+    """Relevance passes through unchanged (``R = reshape(R')``): activations, reshapes, dropout.
+    No hyper-parameters."""
 
 
 @dataclass(frozen=True, repr=False)
 class GradientRule(Rule):
     """The layer's plain gradient applied to the relevance (``R_in = J^T R'``): what Zennit does
     for every op it has no rule for. On a gating ``Mul(x, g)`` it sends ``g R'`` to x and
-    ``x R'`` to the gate (not conservative); use it to reproduce Zennit's numbers."""
+    ``x R'`` to the gate (not conservative); use it to reproduce Zennit's numbers. No
+    hyper-parameters."""
 
 
 #: Rules the z-rule family of non-linear layers (pooling, Add) accepts.

@@ -19,7 +19,10 @@ TOML (Python's own ``tomllib``; JSON has the same structure)::
     rule = "FlatRule()"
 
 Rules are written as calls with numeric keyword or positional arguments and are parsed, never
-evaluated. Keys ``range`` take ``[first, last]`` (inclusive, 1-based) and ``n`` an integer.
+evaluated; ZBox bounds may be (nested) lists of numbers, ``"ZBoxRule(low=[[[-2.1]], [[-2.0]],
+[[-1.8]]], high=2.6)"``. Each rule checks its hyper-parameters (see docs/rules.md for the valid
+ranges) and a bad one is a one-line :class:`~lrp_onnx.errors.RuleAssignmentError`. Keys
+``range`` take ``[first, last]`` (inclusive, 1-based) and ``n`` an integer.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from lrp_onnx.errors import RuleAssignmentError
 from lrp_onnx.rules import composites as C
 from lrp_onnx.rules import core as R
 from lrp_onnx.rules import presets as P
-from lrp_onnx.rules.spelling import NotACallError, NotANumberError, parse_spelling
+from lrp_onnx.rules.spelling import NotACallError, NotANumberError, parse_spelling, quoted
 
 RULES: dict[str, type[R.Rule]] = {cls.__name__: cls for cls in R.ALL_RULES}
 
@@ -44,22 +47,28 @@ _TYPE_PRIMS = {"GlobalTypeMap": C.GlobalTypeMap, "FirstLayerTypeMap": C.FirstLay
 
 
 def parse_rule(text: str) -> R.Rule:
-    """Parse ``"EpsilonRule(epsilon=1e-5)"`` (or ``"ZeroRule"``) into a rule, without eval."""
+    """Parse ``"EpsilonRule(epsilon=1e-5)"`` (or ``"ZeroRule"``) into a rule, without eval.
+
+    Reads what :meth:`~lrp_onnx.rules.core.Rule.spelling` writes (array bounds as nested lists)
+    back into an equal rule; a rule whose hyper-parameters are out of range is refused with the
+    rule's own message (``EpsilonRule: epsilon must be a finite number >= 0, got -1``)."""
     names = ", ".join(RULES)
     try:
         # a **mapping makes it no rule call; a repeated keyword keeps its last value
-        name, args, kwargs = parse_spelling(str(text), booleans=True, keywords="loose")
+        name, args, kwargs = parse_spelling(str(text), booleans=True, keywords="loose",
+                                            arrays=True)
     except NotACallError:
-        raise RuleAssignmentError(f"rule {text!r} is not a rule call; rules: {names}") from None
+        raise RuleAssignmentError(f"rule {quoted(text)} is not a rule call; rules: "
+                                  f"{names}") from None
     except NotANumberError:
-        raise RuleAssignmentError(f"rule {text!r}: arguments must be numbers or "
-                                  "true/false") from None
+        raise RuleAssignmentError(f"rule {quoted(text)}: arguments must be numbers, true/false or "
+                                  "lists of numbers") from None
     if name not in RULES:
         raise RuleAssignmentError(f"unknown rule {name!r}; rules: {names}")
     try:
         return RULES[name](*args, **kwargs)
     except (TypeError, ValueError) as exc:
-        raise RuleAssignmentError(f"rule {text!r}: {exc}") from None
+        raise RuleAssignmentError(f"rule {quoted(text)}: {exc}") from None
 
 
 def _type_key(key: str) -> C.TypeKey:
@@ -73,7 +82,12 @@ def _positions(value: Any, where: str) -> range:
 
 
 def _primitive(entry: dict[str, Any], where: str) -> C.Primitive:
-    kind = entry.get("type")
+    if "type" not in entry:
+        raise RuleAssignmentError(f"{where}: needs the key 'type' (a primitive name)")
+    kind = entry["type"]
+    if not isinstance(kind, str):
+        raise RuleAssignmentError(f"{where}: 'type' must be a primitive name (a string), not "
+                                  f"{quoted(kind)}")
     try:
         if kind in _RULE_PRIMS:
             return _RULE_PRIMS[kind](parse_rule(entry["rule"]))
@@ -96,7 +110,9 @@ def _primitive(entry: dict[str, Any], where: str) -> C.Primitive:
             return C.NameMap(str(entry["pattern"]), parse_rule(entry["rule"]))
     except KeyError as exc:
         raise RuleAssignmentError(f"{where}: {kind} needs the key {exc.args[0]!r}") from None
-    except (TypeError, ValueError) as exc:
+    except RuleAssignmentError as exc:  # a rule's own message, said where it is
+        raise RuleAssignmentError(f"{where}: {exc}") from None
+    except (TypeError, ValueError, OverflowError) as exc:
         raise RuleAssignmentError(f"{where}: {exc}") from None
     known = sorted([*_RULE_PRIMS, *_TYPE_PRIMS, "LayerMap", "RangeMap", "RangeTypeMap",
                     "FirstNTypeMap", "NameMap"])
@@ -112,7 +128,10 @@ def composite_from_dict(data: dict[str, Any], label: str) -> C.Composite:
                                   "expected 'preset' and 'map'")
     prims: list[C.Primitive] = []
     if "preset" in data:
-        prims += list(P.parse_composite(str(data["preset"])).primitives)
+        try:
+            prims += list(P.parse_composite(str(data["preset"])).primitives)
+        except RuleAssignmentError as exc:
+            raise RuleAssignmentError(f"{label}: preset: {exc}") from None
     entries = data.get("map", [])
     if not isinstance(entries, list):
         raise RuleAssignmentError(f"{label}: 'map' must be a list of tables")
@@ -140,8 +159,8 @@ def load_rules(path: str | Path) -> C.Composite:
             data = tomllib.loads(text)
         else:
             raise RuleAssignmentError(f"{label}: rule files must end in .toml or .json")
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-        first = str(exc).splitlines()[0]
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
+        first = (str(exc).splitlines() or ["nested too deeply"])[0]
         raise RuleAssignmentError(f"{label}: not valid {p.suffix[1:].upper()}: {first}") \
             from None
     if not isinstance(data, dict):

@@ -12,6 +12,7 @@ caller's part: it catches the :class:`SpellingError` subclasses below.
 from __future__ import annotations
 
 import ast
+import warnings
 from typing import Any, Literal
 
 from lrp_onnx.errors import LRPError
@@ -33,18 +34,31 @@ class BadKeywordsError(SpellingError):
     """A ``**mapping`` argument or a repeated keyword (``keywords="strict"`` only)."""
 
 
-def _number(node: ast.expr, booleans: bool) -> Any:
+def _number(node: ast.expr, booleans: bool, arrays: bool = False) -> Any:
+    ops = []  # unary signs, outermost first (read in a loop: ``------1`` nests deeply)
+    while isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        ops.append(node.op)
+        node = node.operand
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and \
             (booleans or not isinstance(node.value, bool)):
-        return node.value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        value = _number(node.operand, booleans)
-        return -value if isinstance(node.op, ast.USub) else value
+        value = node.value
+        for op in reversed(ops):
+            value = -value if isinstance(op, ast.USub) else value
+        return value
+    if arrays and not ops and isinstance(node, (ast.List, ast.Tuple)):
+        return [_number(e, booleans, arrays) for e in node.elts]
     raise NotANumberError("arguments must be number literals")
 
 
+def quoted(text: str, limit: int = 80) -> str:
+    """``repr(text)`` for an error message, cut to about ``limit`` characters (a spelling is
+    echoed back to the user, who may have passed pages of it)."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[:limit - 4] + "...'"
+
+
 def parse_spelling(text: str, *, booleans: bool = False,
-                   keywords: Literal["strict", "loose"] = "strict"
+                   keywords: Literal["strict", "loose"] = "strict", arrays: bool = False
                    ) -> tuple[str, list[Any], dict[str, Any]]:
     """Split ``"Name"`` or ``"Name(1, -2.5, key=3e-4)"`` into ``(name, args, kwargs)``.
 
@@ -60,6 +74,8 @@ def parse_spelling(text: str, *, booleans: bool = False,
             was read (a non-number argument is reported first).
             ``"loose"``: a ``**mapping`` argument makes the text :class:`NotACallError`,
             checked before any argument is read; a repeated keyword keeps its last value.
+        arrays: also accept (nested) lists or tuples of number literals (ZBox bounds, as
+            :meth:`~lrp_onnx.rules.core.Rule.spelling` writes them); returned as lists.
 
     Raises:
         NotACallError: the text does not parse or is not a name or a call of a name.
@@ -67,8 +83,10 @@ def parse_spelling(text: str, *, booleans: bool = False,
         BadKeywordsError: see ``keywords``.
     """
     try:
-        tree = ast.parse(text.strip(), mode="eval").body
-    except SyntaxError:
+        with warnings.catch_warnings():  # "invalid decimal literal" and the like: not ours to print
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(text.strip(), mode="eval").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # null bytes, deep nesting
         raise NotACallError(f"{text!r} does not parse") from None
     if isinstance(tree, ast.Name):
         return tree.id, [], {}
@@ -77,12 +95,15 @@ def parse_spelling(text: str, *, booleans: bool = False,
     named = [k for k in tree.keywords if k.arg is not None]
     if keywords == "loose" and len(named) != len(tree.keywords):
         raise NotACallError(f"{text!r} has a **mapping argument")
-    args = [_number(a, booleans) for a in tree.args]
-    kwargs = {str(k.arg): _number(k.value, booleans) for k in named}
+    try:
+        args = [_number(a, booleans, arrays) for a in tree.args]
+        kwargs = {str(k.arg): _number(k.value, booleans, arrays) for k in named}
+    except RecursionError:  # lists nested thousands deep
+        raise NotANumberError("arguments nest too deeply") from None
     if keywords == "strict" and len(kwargs) != len(tree.keywords):
         raise BadKeywordsError(f"{text!r} has a **mapping argument or a repeated keyword")
     return tree.func.id, args, kwargs
 
 
 __all__ = ["BadKeywordsError", "NotACallError", "NotANumberError", "SpellingError",
-           "parse_spelling"]
+           "parse_spelling", "quoted"]
