@@ -117,6 +117,9 @@ class OpSpec:
         keeps_order: the output holds the input's elements in their order, only the shape
             differs (reshapes, identities): token ids may pass it on their way to the
             embedding lookup (:mod:`lrp_onnx.frontend.tokens`).
+        reads_input: a layer of it that reads the model input hands the input on as the layers
+            after it read it (a QDQ model's input quantization): those still count as first
+            layers for the composites' first-layer rules.
     """
 
     op_type: str
@@ -140,6 +143,7 @@ class OpSpec:
     product_kind: str | None = None
     reciprocal_kind: str | None = None
     keeps_order: bool = False
+    reads_input: bool = False
 
     @property
     def doc(self) -> str:

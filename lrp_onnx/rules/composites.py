@@ -418,7 +418,13 @@ class Composite:
 
 def layer_infos(layers: Sequence[Layer], indices: Mapping[int, tuple[int, ...]],
                 data_input: str, logits: str) -> list[LayerInfo]:
-    """Pair each layer with its nested index and first/last flags."""
+    """Pair each layer with its nested index and first/last flags. A layer reading the input
+    through layers whose op ``reads_input`` (an input quantization) is a first layer too."""
+    inputs = {data_input}
+    for la in layers:
+        spec = spec_of(la.kind)
+        if spec is not None and spec.reads_input and any(t.name in inputs for t in la.inputs):
+            inputs.add(la.output.name)
     return [LayerInfo(layer=la, index=indices[la.index],
-                      first=any(t.name == data_input for t in la.inputs),
+                      first=any(t.name in inputs for t in la.inputs),
                       last=la.output.name == logits) for la in layers]

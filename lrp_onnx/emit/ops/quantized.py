@@ -75,7 +75,7 @@ def _summary(graph: Graph, layer: Layer) -> str:
 
 
 @emitter("QuantizeDequantize", kind=Kind.IDENTITY, rules=ROUTING_RULES, support=Support.ROUTING,
-         summary=_summary)
+         summary=_summary, reads_input=True)
 def quantize_dequantize(b: Builder, layer: Layer, rule: Rule,
                         r_out: gs.Tensor) -> list[gs.Tensor | None]:
     """``R = R'``: a quantize/dequantize pair passes relevance unchanged (as an activation)."""
