@@ -132,3 +132,15 @@ def test_integer_shape_arithmetic_is_not_rewritten() -> None:
                            numpy_helper.from_array(W, "w")], in_shape=("N", 2, 2))
     before = model.SerializeToString()
     assert fold_constant_weights(model, "m").SerializeToString() == before
+
+
+def test_constant_scale_outside_a_parameter_slot_is_not_rewritten() -> None:
+    """A float constant sub-graph read elsewhere than as a weight or bias (a scale, a mask)
+    compiles as exported, so the model keeps its bytes."""
+    nodes = [helper.make_node("Sqrt", ["c"], ["scale"], name="sqrt"),
+             helper.make_node("Mul", ["input", "scale"], ["h"], name="mul"),
+             helper.make_node("MatMul", ["h", "w"], ["logits"], name="mm")]
+    model = _model(nodes, [numpy_helper.from_array(np.array(4.0, np.float32), "c"),
+                           numpy_helper.from_array(W, "w")])
+    before = model.SerializeToString()
+    assert fold_constant_weights(model, "m").SerializeToString() == before

@@ -1,4 +1,5 @@
-"""Values computed from constants alone: which they are, and their value as ONNX Runtime computes it.
+"""Values computed from constants alone: which they are, and their value as ONNX Runtime
+computes it.
 
 Exporters and quantizers often write a weight as a small constant sub-graph instead of one
 initializer: ``Transpose(W)`` (tf2onnx), ``Cast(W_fp16)``, ``Reshape(W, shape)``, a bias made

@@ -281,8 +281,9 @@ class Graph:
         if t.name not in folded:
             from lrp_onnx.frontend import constants
 
-            consts = constants.constant_nodes(self.proto.graph)
-            nodes = constants.cone(consts, [t.name])
+            if "_constant_nodes" not in self.__dict__:  # once per graph, on first need
+                self._constant_nodes = constants.constant_nodes(self.proto.graph)
+            nodes = constants.cone(self._constant_nodes, [t.name])
             value = constants.evaluate(self.proto, nodes, [t.name]) if nodes else None
             found = None if value is None else value[t.name]
             name = f"lrp/folded/{t.name}"

@@ -12,10 +12,10 @@ memory. None of these passes changes a computed value; they rename, alias and an
 * ``upgrade_opset``: models below opset 16 are converted to 17 (``ScatterElements`` needs
   ``reduction``);
 * ``fold_constant_weights``: a float value computed from initializers alone (``Transpose(W)``,
-  ``Cast(W_fp16)``, a ``ConstantOfShape`` bias) and read by a data-dependent node becomes an
-  initializer holding the value ONNX Runtime computes for it, and the nodes and initializers
-  only it read are dropped (the weight is stored once); quantized weights (``DequantizeLinear``)
-  stay as deployed (:mod:`lrp_onnx.frontend.constants`);
+  ``Cast(W_fp16)``, a ``ConstantOfShape`` bias) and read as a linear layer's weight or bias
+  becomes an initializer holding the value ONNX Runtime computes for it, and the nodes and
+  initializers only it read are dropped (the weight is stored once); quantized weights
+  (``DequantizeLinear``) stay as deployed (:mod:`lrp_onnx.frontend.constants`);
 * ``infer_shapes``: static shapes and dtypes for every value;
 * ``static_slice_bounds``: ``Slice`` bounds computed at run time from dims that shape inference
   fixed (legacy Llama's rotate_half slices at ``Shape(q)[3] / 2``) become constants (the one
@@ -147,9 +147,28 @@ def upgrade_opset(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
     return converted
 
 
+def _parameter_slots(g: onnx.GraphProto) -> set[str]:
+    """Values read as a parameter: an input after the first of a linear op (Conv's weight and
+    bias, Gemm's B and C, MatMul's W, BatchNormalization's statistics), or the other summand
+    of an ``Add`` of a linear op's output (a bias). Only these are folded: values read
+    elsewhere (a mask, a scale) compile as they are, and stay byte for byte as they were."""
+    from lrp_onnx.emit.registry import Kind, is_kind
+
+    linear_out = {o for n in g.node if is_kind(n.op_type, Kind.LINEAR) for o in n.output}
+    slots: set[str] = set()
+    for node in g.node:
+        if is_kind(node.op_type, Kind.LINEAR):
+            slots.update(node.input[1:])
+        elif node.op_type == "Add" and len(node.input) == 2:
+            a, b = node.input
+            slots.update(x for x, other in ((a, b), (b, a)) if other in linear_out)
+    return slots
+
+
 def fold_constant_weights(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
     """Replace each float value that default-domain nodes compute from initializers alone and
-    that a data-dependent node reads by an initializer of its value, as ONNX Runtime computes
+    that a data-dependent node reads as a weight or bias (:func:`_parameter_slots`) by an
+    initializer of its value, as ONNX Runtime computes
     it (:func:`lrp_onnx.frontend.constants.evaluate`: the same kernels ONNX Runtime folds the
     sub-graph with when it creates a session, so no bit changes). The constant nodes and the
     initializers that only they read are dropped, so a weight is stored once. Left as they are:
@@ -163,8 +182,10 @@ def fold_constant_weights(model: onnx.ModelProto, label: str) -> onnx.ModelProto
         return model
     producer = {o: n for n in consts for o in n.output if o}
     outputs = {o.name for o in g.output}
+    slots = _parameter_slots(g)
     wanted = [v for v in constants.boundary(g, consts)
-              if v not in outputs and len([o for o in producer[v].output if o]) == 1
+              if v in slots and v not in outputs
+              and len([o for o in producer[v].output if o]) == 1
               and not any(n.op_type in constants.QUANTIZED_OPS
                           for n in constants.cone(consts, [v]))]
     if not wanted:
