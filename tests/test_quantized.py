@@ -191,6 +191,18 @@ def test_quantized_model_compiles_as_deployed(models, name: str) -> None:
     lrp = L.LRP(model, L.EpsilonPlus())
     kinds = [la.kind for la in lrp.layers]
     assert kinds[0] == "QuantizeDequantize" and "QuantizeDequantize" in kinds[1:]
+    # sign facts: a pair clamping at zero (zero point = int8 minimum, the dropped ReLU) gives
+    # values >= 0, others do not (the CNN's input pair; the digits' pixels are >= 0, so their
+    # calibrated input range starts at 0 too)
+    from lrp_onnx.api import prepare
+
+    graph = prepare(model, None, None, None).graph
+    pairs = [la for la in lrp.layers if la.kind == "QuantizeDequantize"]
+    zero_points = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for la in pairs:
+        clamps = int(zero_points[la.primary.inputs[2].name]) == -128
+        assert graph.is_nonneg(la.output) == clamps, la
+    assert any(graph.is_nonneg(la.output) for la in pairs)
     compiled = lrp.model
     # the forward pass is the int8 model's: every QuantizeLinear/DequantizeLinear kept, weights
     # stored as int8 (plus the float copies the relevance pass reads)

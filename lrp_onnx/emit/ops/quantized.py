@@ -32,10 +32,8 @@ def _params(graph: Graph, node: gs.Node) -> tuple[np.ndarray, np.ndarray] | None
     return scale, (np.zeros((), dtype=np.int64) if zero is None else zero)
 
 
-def _pair_keeps_sign(graph: Graph, q: gs.Node, dq: gs.Node) -> bool:
-    """``DequantizeLinear(QuantizeLinear(x))`` with the same positive scale and the same zero
-    point is ``>= 0`` where ``x`` is: ``round(x / s) >= 0``, so ``q >= zp`` (saturation keeps
-    it so) and ``(q - zp) * s >= 0``."""
+def _same_pair(graph: Graph, q: gs.Node, dq: gs.Node) -> bool:
+    """``dq`` dequantizes with ``q``'s constant scale (positive) and zero point."""
     a, b = _params(graph, q), _params(graph, dq)
     if a is None or b is None or a[0].shape != b[0].shape or a[1].shape != b[1].shape:
         return False
@@ -44,24 +42,31 @@ def _pair_keeps_sign(graph: Graph, q: gs.Node, dq: gs.Node) -> bool:
     return bool(same and np.all(a[0] > 0))
 
 
-def _quantize_keeps_sign(graph: Graph, node: gs.Node) -> bool:
-    """Every reader of the quantized value dequantizes it with the same parameters: the int8
-    value then stands for a real ``>= 0`` where the input is (see :func:`_pair_keeps_sign`)."""
+def _quantize_clamps_at_zero(graph: Graph, node: gs.Node) -> bool:
+    """The zero point is the integer type's minimum (a range starting at 0: ONNX Runtime's
+    quantizer then drops the ReLU before it) and every reader dequantizes with the same
+    parameters: each reader's output ``(q - zp) * s`` is then ``>= 0`` whatever the input."""
+    params = _params(graph, node)
+    if params is None or not np.issubdtype(params[1].dtype, np.integer):
+        return False
+    lowest = np.iinfo(params[1].dtype).min
     readers = graph.consumers(node.outputs[0])
-    return bool(readers) and all(r.op == "DequantizeLinear" and _pair_keeps_sign(graph, node, r)
-                                 for r in readers)
+    return bool(np.all(params[1] == lowest)) and bool(readers) and \
+        all(r.op == "DequantizeLinear" and _same_pair(graph, node, r) for r in readers)
 
 
-def _dequantize_keeps_sign(graph: Graph, node: gs.Node) -> bool:
+def _dequantize_pairs(graph: Graph, node: gs.Node) -> bool:
     """The input comes from a QuantizeLinear with the same parameters."""
     q = graph.producer(node.inputs[0])
-    return q is not None and q.op == "QuantizeLinear" and _pair_keeps_sign(graph, q, node)
+    return q is not None and q.op == "QuantizeLinear" and _same_pair(graph, q, node)
 
 
-declare("QuantizeLinear", kind=Kind.ELEMENTWISE, sign=Sign.PRESERVES,
-        sign_condition=_quantize_keeps_sign)
+# The int8 value of a clamping QuantizeLinear is marked non-negative in the sense of what it
+# stands for (q >= zp), so that its DequantizeLinear's output, which is >= 0, is marked too.
+declare("QuantizeLinear", kind=Kind.ELEMENTWISE, sign=Sign.NONNEG,
+        sign_condition=_quantize_clamps_at_zero)
 declare("DequantizeLinear", kind=Kind.ELEMENTWISE, sign=Sign.PRESERVES,
-        sign_condition=_dequantize_keeps_sign)
+        sign_condition=_dequantize_pairs)
 
 
 def _summary(graph: Graph, layer: Layer) -> str:
