@@ -24,17 +24,26 @@ from collections.abc import Iterable
 import numpy as np
 import onnx
 
-#: Ops whose output is random: never constant, whatever their inputs.
-RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform",
-                        "RandomUniformLike", "Multinomial", "Bernoulli"})
-#: Ops that hold a weight in a quantized (integer) form: the forward pass keeps them as deployed.
-QUANTIZED_OPS = frozenset({"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear"})
+from lrp_onnx.emit.registry import spec_of
 
 
 def _foldable(node: onnx.NodeProto) -> bool:
-    return node.domain in ("", "ai.onnx") and node.op_type not in RANDOM_OPS and \
-        not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                for a in node.attribute)
+    if node.domain not in ("", "ai.onnx") or \
+            any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                for a in node.attribute):
+        return False
+    spec = spec_of(node.op_type)
+    return spec is None or not spec.random  # the registry's ``random`` fact
+
+
+def quantized(nodes: Iterable[onnx.NodeProto]) -> bool:
+    """Whether any of ``nodes`` converts to or from a quantized form (the registry's
+    ``quantizes`` fact: ``DequantizeLinear``, ``QuantizeLinear``)."""
+    for node in nodes:
+        spec = spec_of(node.op_type)
+        if spec is not None and spec.quantizes:
+            return True
+    return False
 
 
 def constant_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:

@@ -186,8 +186,7 @@ def fold_constant_weights(model: onnx.ModelProto, label: str) -> onnx.ModelProto
     wanted = [v for v in constants.boundary(g, consts)
               if v in slots and v not in outputs
               and len([o for o in producer[v].output if o]) == 1
-              and not any(n.op_type in constants.QUANTIZED_OPS
-                          for n in constants.cone(consts, [v]))]
+              and not constants.quantized(constants.cone(consts, [v]))]
     if not wanted:
         return model
     values = constants.evaluate(model, constants.cone(consts, wanted), wanted)

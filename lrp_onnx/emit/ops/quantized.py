@@ -64,9 +64,10 @@ def _dequantize_pairs(graph: Graph, node: gs.Node) -> bool:
 # The int8 value of a clamping QuantizeLinear is marked non-negative in the sense of what it
 # stands for (q >= zp), so that its DequantizeLinear's output, which is >= 0, is marked too.
 declare("QuantizeLinear", kind=Kind.ELEMENTWISE, sign=Sign.NONNEG,
-        sign_condition=_quantize_clamps_at_zero)
+        sign_condition=_quantize_clamps_at_zero, quantizes=True)
 declare("DequantizeLinear", kind=Kind.ELEMENTWISE, sign=Sign.PRESERVES,
-        sign_condition=_dequantize_pairs)
+        sign_condition=_dequantize_pairs, quantizes=True)
+declare("DynamicQuantizeLinear", kind=Kind.ELEMENTWISE, quantizes=True)
 
 
 def _summary(graph: Graph, layer: Layer) -> str:
