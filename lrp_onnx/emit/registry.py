@@ -117,6 +117,14 @@ class OpSpec:
         keeps_order: the output holds the input's elements in their order, only the shape
             differs (reshapes, identities): token ids may pass it on their way to the
             embedding lookup (:mod:`lrp_onnx.frontend.tokens`).
+        random: its output is random (``RandomNormal``): never a constant, whatever its
+            inputs (:mod:`lrp_onnx.frontend.constants`).
+        quantizes: it converts between a quantized (integer) and a float form
+            (``DequantizeLinear``): a weight computed through it is kept as deployed in the
+            forward pass, not folded into a float initializer.
+        reads_input: a layer of it that reads the model input hands the input on as the layers
+            after it read it (a QDQ model's input quantization): those still count as first
+            layers for the composites' first-layer rules.
     """
 
     op_type: str
@@ -140,6 +148,9 @@ class OpSpec:
     product_kind: str | None = None
     reciprocal_kind: str | None = None
     keeps_order: bool = False
+    reads_input: bool = False
+    random: bool = False
+    quantizes: bool = False
 
     @property
     def doc(self) -> str:

@@ -303,6 +303,32 @@ class Graph:
             return np.asarray(t.values)
         return None
 
+    def constant(self, t: gs.Tensor) -> gs.Constant | None:
+        """``t`` as a constant: the initializer itself, or, for a float value that nodes
+        compute from initializers alone (a quantized weight's ``DequantizeLinear``; float
+        chains were folded by :func:`lrp_onnx.frontend.passes.fold_constant_weights`), a float
+        copy of its value as ONNX Runtime computes it, for the relevance pass (the forward nodes
+        stay as they are); ``None`` for values that depend on the data."""
+        if isinstance(t, gs.Constant):
+            return t
+        if not t.name or t.name in self.data:
+            return None
+        folded: dict[str, gs.Constant | None] = self.__dict__.setdefault("_folded", {})
+        if t.name not in folded:
+            from lrp_onnx.frontend import constants
+
+            if "_constant_nodes" not in self.__dict__:  # once per graph, on first need
+                self._constant_nodes = constants.constant_nodes(self.proto.graph)
+            nodes = constants.cone(self._constant_nodes, [t.name])
+            value = constants.evaluate(self.proto, nodes, [t.name]) if nodes else None
+            found = None if value is None else value[t.name]
+            name = f"lrp/folded/{t.name}"
+            while name in self.tensors:
+                name += "_"
+            folded[t.name] = gs.Constant(name, found) if found is not None and \
+                constants.is_float(found) else None
+        return folded[t.name]
+
     @staticmethod
     def optional_input(node: gs.Node, index: int) -> gs.Tensor | None:
         """Input ``index`` of ``node``, or ``None`` when it is absent (missing or empty name)."""

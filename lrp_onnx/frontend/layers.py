@@ -272,7 +272,11 @@ def build_layers(graph: Graph) -> list[Layer]:
         standalone = match_activation(graph, data_in[0], exclusive=False) if data_in else None
         norm = match_layer_norm(graph, node) if node.op == "ReduceMean" else None
         rms = match_rms_norm(graph, node) if norm is None else None
-        if norm is not None and not any(n.name in taken for n in norm.nodes):
+        # QDQ models: QuantizeLinear -> DequantizeLinear is one float-to-float layer
+        dq = _only_into(graph, out, "DequantizeLinear") if node.op == "QuantizeLinear" else None
+        if dq is not None and dq.name not in taken:
+            nodes, kind, out, pre = [node, dq], "QuantizeDequantize", dq.outputs[0], dq.outputs[0]
+        elif norm is not None and not any(n.name in taken for n in norm.nodes):
             nodes, kind, out, pre = list(norm.nodes), "DecomposedLayerNorm", norm.output, \
                 norm.output
         elif rms is not None and not any(n.name in taken for n in rms.nodes):
@@ -283,8 +287,8 @@ def build_layers(graph: Graph) -> list[Layer]:
             nodes, kind, out = list(standalone.nodes), standalone.kind, standalone.output
             act = standalone
             pre = out
-        elif "bias" in absorbs and len(node.inputs) > 1 and \
-                graph.is_const(node.inputs[1]) and node.inputs[0].name in graph.data:
+        elif "bias" in absorbs and len(node.inputs) > 1 and node.inputs[0].name in graph.data \
+                and graph.constant(node.inputs[1]) is not None:  # dequantized weights too
             nxt = _sole_consumer(graph, out)
             if nxt is not None and _is_const_bias_add(graph, nxt, out):
                 bias_add, out = nxt, nxt.outputs[0]

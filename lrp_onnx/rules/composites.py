@@ -418,12 +418,13 @@ class Composite:
 
 
 def _input_values(layers: Sequence[Layer], data_input: str) -> set[str]:
-    """The data input and the values that only move its elements (an exporter's layout
-    ``Transpose``, a ``Reshape``, ...: ops whose spec ``routes``), in topological order."""
+    """The data input and the values that hand it on unchanged in substance: outputs of layers
+    that only move its elements (an exporter's layout ``Transpose``, a ``Reshape``: ops whose
+    spec ``routes``) or that quantize it (spec ``reads_input``), in topological order."""
     names = {data_input}
     for la in layers:
         spec = spec_of(la.kind)
-        if spec is not None and spec.routes and la.inputs and \
+        if spec is not None and (spec.routes or spec.reads_input) and la.inputs and \
                 all(t.name in names for t in la.inputs):
             names.update(t.name for t in la.outputs)
     return names
@@ -432,8 +433,8 @@ def _input_values(layers: Sequence[Layer], data_input: str) -> set[str]:
 def layer_infos(layers: Sequence[Layer], indices: Mapping[int, tuple[int, ...]],
                 data_input: str, logits: str) -> list[LayerInfo]:
     """Pair each layer with its nested index and first/last flags (first: reads the model
-    input, directly or through layers that only move its values, such as tf2onnx's NHWC to
-    NCHW ``Transpose``)."""
+    input, directly or through layers that only move or quantize its values, such as
+    tf2onnx's NHWC to NCHW ``Transpose`` or a QDQ model's input quantization)."""
     inputs = _input_values(layers, data_input)
     return [LayerInfo(layer=la, index=indices[la.index],
                       first=any(t.name in inputs for t in la.inputs),

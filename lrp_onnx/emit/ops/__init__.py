@@ -12,6 +12,7 @@ from lrp_onnx.emit.ops import (
     norms,
     other,
     pooling,
+    quantized,
     structural,
 )
 from lrp_onnx.emit.registry import seal
@@ -19,4 +20,4 @@ from lrp_onnx.emit.registry import seal
 seal()
 
 __all__ = ["activations", "attention", "linear_ops", "merge", "norms", "other", "pooling",
-           "structural"]
+           "quantized", "structural"]

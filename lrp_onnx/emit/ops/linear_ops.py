@@ -70,10 +70,10 @@ class ConvOp(LinearOp):
         node, g = layer.primary, b.graph
         check_attrs(node, g.opset, {"auto_pad": None, "dilations": None, "group": None,
                                     "kernel_shape": None, "pads": None, "strides": None})
-        w = node.inputs[1]
-        if not isinstance(w, gs.Constant):
+        w = g.constant(node.inputs[1])  # an initializer, or a dequantized copy for relevance
+        if w is None:
             raise UnsupportedOp(f"node {node_label(node.name, node.op, g.opset)}: weight "
-                                f"'{w.name}' is not a constant")
+                                f"'{node.inputs[1].name}' is not a constant")
         nd = len(w.shape) - 2
         self.kernel = ints(attr(node, "kernel_shape", g.opset, None)) or list(w.shape[2:])
         self.strides = ints(attr(node, "strides", g.opset, None)) or [1] * nd
@@ -99,11 +99,12 @@ class ConvOp(LinearOp):
         scale: np.ndarray | None = None
         bias: np.ndarray | None = None
         if g.optional_input(node, 2) is not None:
-            if not isinstance(node.inputs[2], gs.Constant):
+            bias_t = g.constant(node.inputs[2])
+            if bias_t is None:
                 raise UnsupportedOp(f"node {node_label(node.name, node.op, g.opset)}: bias is "
                                     "not a constant")
-            bias = np.asarray(node.inputs[2].values, dtype=np.float64)
-            self.bias_tensor = node.inputs[2]
+            bias = np.asarray(bias_t.values, dtype=np.float64)
+            self.bias_tensor = bias_t
         if layer.bias_add is not None:
             add = _bias_add_vector(b, layer, channels, 1, nd + 2)
             bias = add if bias is None else bias + add
@@ -206,8 +207,8 @@ class GemmOp(LinearOp):
         node, g = layer.primary, b.graph
         check_attrs(node, g.opset, {"alpha": None, "beta": None, "transA": (0,),
                                     "transB": (0, 1)})
-        w = node.inputs[1]
-        if not isinstance(w, gs.Constant) or node.inputs[0].name not in g.data:
+        w = g.constant(node.inputs[1])
+        if w is None or node.inputs[0].name not in g.data:
             raise UnsupportedOp(f"node {node_label(node.name, node.op, g.opset)}: only "
                                 "x @ W with a constant W is supported")
         alpha = float(attr(node, "alpha", g.opset, 1.0))
@@ -217,8 +218,8 @@ class GemmOp(LinearOp):
         scale: np.ndarray | None = None
         bias: np.ndarray | None = None
         if g.optional_input(node, 2) is not None:
-            c = node.inputs[2]
-            if not isinstance(c, gs.Constant):
+            c = g.constant(node.inputs[2])
+            if c is None:
                 raise UnsupportedOp(f"node {node_label(node.name, node.op, g.opset)}: C is "
                                     "not a constant")
             cval = np.asarray(c.values, dtype=np.float64)
@@ -265,9 +266,8 @@ class MatMulOp(LinearOp):
     def __init__(self, b: Builder, layer: Layer) -> None:
         super().__init__(b, layer)
         node, g = layer.primary, b.graph
-        w = node.inputs[1]
-        if not isinstance(w, gs.Constant) or node.inputs[0].name not in g.data or \
-                len(w.shape) != 2:
+        w = g.constant(node.inputs[1])
+        if w is None or node.inputs[0].name not in g.data or len(w.shape) != 2:
             raise UnsupportedOp(f"node {node_label(node.name, node.op, g.opset)}: only "
                                 "x @ W with a constant 2-D W is supported")
         self.rank = len(g.shape(layer.inputs[0], node))

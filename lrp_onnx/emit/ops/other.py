@@ -16,3 +16,5 @@ declare("LogSoftmax", kind=Kind.OUTPUT, head=True)
 declare("Abs", "Exp", kind=Kind.ELEMENTWISE, sign=Sign.NONNEG)
 declare("Max", kind=Kind.ELEMENTWISE, sign=Sign.PRESERVES,
         sign_condition=Graph.constant_operands_nonneg)
+declare("RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
+        "Bernoulli", kind=Kind.ELEMENTWISE, random=True)
