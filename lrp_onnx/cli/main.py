@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from lrp_onnx.cli.argtypes import in_range, number, positive_int
+from lrp_onnx.cli.notes import Notes
 from lrp_onnx.cli.outputs import (
     PROGRESS_MIN_SAMPLES,
     Progress,
@@ -465,36 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Notes(logging.Handler):
-    """Prints the compiler's notes (``lrp_onnx`` logger, INFO, ``"%s: %s"`` with the model's
-    label and the note: an old opset upgraded) on stderr as ``lrp-onnx: note: FILE: NOTE``,
-    naming the file the command was given, each note once per command (``check`` compiles the
-    file's model twice)."""
-
-    def __init__(self, source: str | None) -> None:
-        super().__init__(logging.INFO)
-        self.source = source
-        self.seen: set[str] = set()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        args = record.args if isinstance(record.args, tuple) else ()
-        note = str(args[-1]) if len(args) == 2 else record.getMessage()
-        text = f"{self.source}: {note}" if self.source and len(args) == 2 \
-            else record.getMessage()
-        if note not in self.seen:
-            self.seen.add(note)
-            print(f"{PROG}: note: {' '.join(text.split())}", file=sys.stderr)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     source = args.input if args.func is cmd_convert else getattr(args, "model", None)
-    log, notes = logging.getLogger("lrp_onnx"), _Notes(source if isinstance(source, str)
-                                                        else None)
-    level = log.level
-    log.addHandler(notes)
-    log.setLevel(logging.INFO)
+    notes = Notes(PROG, source if isinstance(source, str) else None).install()
     try:
         return int(args.func(args))
     except (LRPError, CLIError, OSError) as exc:
@@ -510,8 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"the model)", file=sys.stderr)
         return 3
     finally:
-        log.removeHandler(notes)
-        log.setLevel(level)
+        notes.remove()
 
 
 if __name__ == "__main__":  # pragma: no cover
