@@ -15,8 +15,14 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from lrp_onnx.emit.registry import Kind, Sign, is_kind, spec_of
-from lrp_onnx.errors import UnsupportedAttribute, UnsupportedModel, UnsupportedOp, node_label
-from lrp_onnx.frontend.load import STANDARD_DOMAINS, default_opset, shape_inference_error
+from lrp_onnx.errors import UnsupportedAttribute, UnsupportedModel, node_label
+from lrp_onnx.frontend.explained import (
+    check_domains,
+    check_tensor_output,
+    default_output,
+    is_standard,
+)
+from lrp_onnx.frontend.load import default_opset, shape_inference_error
 from lrp_onnx.frontend.shapes import resolve
 from lrp_onnx.frontend.tokens import TOKEN_IDS, Embedding, find_embeddings
 
@@ -121,12 +127,7 @@ class Graph:
             )
         outs = {o.name: o for o in self.gs.outputs}
         if output is None:
-            # the first float tensor output (a scikit-learn classifier lists its int64 label
-            # first); without one, the first that is not a tensor (refused, saying why)
-            tensors = {o.name for o in model.graph.output if o.type.HasField("tensor_type")}
-            self.explained = next(
-                (o for o in self.gs.outputs if float_dtype(o) and o.name in tensors),
-                next((o for o in self.gs.outputs if o.name not in tensors), self.gs.outputs[0]))
+            self.explained = default_output(model, self.gs.outputs)
         elif output in outs:
             self.explained = outs[output]
         else:
@@ -134,7 +135,7 @@ class Graph:
                 f"{label}: no graph output '{output}' (outputs: {', '.join(outs)})"
             )
 
-        self._check_tensor_output()
+        check_tensor_output(self.proto, self.explained, label)
         self.data: set[str] = self._data_dependent()
         if self.explained.name not in self.data:
             raise UnsupportedModel(
@@ -143,13 +144,13 @@ class Graph:
             )
         logits = self.explained
         head = self.producer(logits)
-        while head is not None and _is_head(head.op) and _standard(head) \
+        while head is not None and _is_head(head.op) and is_standard(head) \
                 and len(self.data_inputs(head)) == 1:
             logits = self.data_inputs(head)[0]
             head = self.producer(logits)
         self.logits: gs.Variable = logits
         self.nodes: list[gs.Node] = self._relevance_path()
-        self._check_domains()
+        check_domains(self.nodes, label, self.data_input.name, self.logits.name)
         self.nonneg: set[str] = self._nonneg()
 
     @property
@@ -201,36 +202,6 @@ class Graph:
                 "to explain with input=NAME (--input NAME)"
             )
         return floats[0]
-
-    def _check_tensor_output(self) -> None:
-        """The explained output must be a tensor (skl2onnx's default ``ZipMap`` makes a
-        classifier's probabilities a sequence of maps)."""
-        vi = next(o for o in self.proto.graph.output if o.name == self.explained.name)
-        if vi.type.HasField("tensor_type"):
-            return
-        kind = vi.type.WhichOneof("value") or "value of unknown type"
-        head = self.producer(self.explained)
-        hint = ("; skl2onnx's ZipMap makes it: convert the classifier with "
-                "to_onnx(clf, X, options={id(clf): {'zipmap': False}}) to get a probabilities "
-                "tensor" if head is not None and head.op == "ZipMap"
-                else "; choose a tensor output with output=NAME (--output-name NAME)")
-        raise UnsupportedModel(f"{self.label}: output '{vi.name}' is a "
-                               f"{kind.replace('_type', '')}, not a tensor{hint}")
-
-    def _check_domains(self) -> None:
-        """Nodes from other domains (``ai.onnx.ml``, ``com.microsoft``) run as they are off the
-        relevance path; on it they have no rule: refused, all named at once."""
-        foreign = [n for n in self.nodes if not _standard(n)]
-        if not foreign:
-            return
-        listed = ", ".join(f"{node_label(n.name, n.op)} from domain '{n.domain}'"
-                           for n in foreign[:5])
-        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-        raise UnsupportedOp(
-            f"{self.label}: {len(foreign)} node(s) outside the ONNX standard domain are on the "
-            f"relevance path from '{self.data_input.name}' to '{self.logits.name}' and have no "
-            f"LRP rule: {listed}{more}; explain an output computed by standard ops "
-            "(output=NAME, --output-name NAME) or re-export these ops as standard ONNX ops")
 
     # -- structure -------------------------------------------------------------------------
     def _data_dependent(self) -> set[str]:
@@ -393,11 +364,6 @@ class Graph:
     def dtype(self, t: gs.Tensor) -> np.dtype[Any]:
         dt: np.dtype[Any] = np.dtype(t.dtype)
         return dt
-
-
-def _standard(node: gs.Node) -> bool:
-    """Whether ``node`` is from the ONNX standard domain (the ops that have rules)."""
-    return (node.domain or "") in STANDARD_DOMAINS
 
 
 def _is_head(op: str) -> bool:

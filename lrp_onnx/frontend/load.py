@@ -14,6 +14,7 @@ from lrp_onnx.dtypes import FLOAT_ITEMSIZE
 from lrp_onnx.errors import ModelLoadError
 from lrp_onnx.io import read_model
 
+
 def default_opset(model: onnx.ModelProto) -> int:
     """The model's ``ai.onnx`` opset version (0 if it imports none)."""
     for imp in model.opset_import:

@@ -193,7 +193,7 @@ def upgrade_opset(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
     model = drop_initializer_inputs(model)
     opset = default_opset(model)
     if opset >= UPGRADE_BELOW:
-        return model
+        return _least_ir(model) if old_ir < CONSTANTS_NOT_INPUTS_IR else model
     try:
         converted = version_converter.convert_version(model, TARGET_OPSET)
     except Exception as exc:  # the converter raises bare RuntimeError/ValueError/IndexError
@@ -206,9 +206,15 @@ def upgrade_opset(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
             f"opset {TARGET_OPSET} yourself"
         ) from None
     if old_ir < CONSTANTS_NOT_INPUTS_IR:
-        converted.ir_version = max(converted.ir_version, onnx.helper.find_min_ir_version_for(
-            list(converted.opset_import), ignore_unknown=True))
+        converted = _least_ir(converted)
     return fold_constant_nodes(converted, label)
+
+
+def _least_ir(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its IR raised to the least its opsets need (onnx's version table)."""
+    model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(
+        list(model.opset_import), ignore_unknown=True))
+    return model
 
 
 def convert_opset(model: onnx.ModelProto, label: str, opset: int) -> onnx.ModelProto:
