@@ -10,7 +10,7 @@ memory. None of these passes changes a computed value; they rename, alias and an
 * ``lower_attention``: the fused ``Attention`` op (opset 23+) becomes its unfused computation
   (:mod:`lrp_onnx.frontend.lowering`; the one pass that changes how a value is computed);
 * ``upgrade_opset``: models below opset 16 are converted to 17 (``ScatterElements`` needs
-  ``reduction``);
+  ``reduction``), and IR < 4 models' initializers listed as graph inputs stop being inputs;
 * ``infer_shapes``: static shapes and dtypes for every value;
 * ``static_slice_bounds``: ``Slice`` bounds computed at run time from dims that shape inference
   fixed (legacy Llama's rotate_half slices at ``Shape(q)[3] / 2``) become constants (the one
