@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,8 +23,8 @@ from lrp_onnx.errors import (
 )
 from lrp_onnx.frontend.graph import Graph
 from lrp_onnx.frontend.layers import Layer, build_layers
-from lrp_onnx.frontend.load import load_model, one_line
-from lrp_onnx.frontend.passes import run_passes
+from lrp_onnx.frontend.load import default_opset, load_model, one_line
+from lrp_onnx.frontend.passes import run_passes, upgrade_note
 from lrp_onnx.frontend.structure import (
     ChainTuple,
     Container,
@@ -75,10 +76,14 @@ def prepare(model: Any, output: str | None = None, opset: int | None = None,
         model = model.source
     info: dict[str, Any] = {}
     proto, label = load_model(model, info)
+    upgraded, note = upgrade_note(default_opset(proto), proto.ir_version)
     with labelled(label):
         proto = run_passes(proto, label, opset=opset)
         meta = _meta_only(proto)
         graph = Graph(proto, label, output, input)
+        graph.upgraded_from = upgraded
+        if note:  # the command line prints it on stderr; the API stays silent
+            logging.getLogger("lrp_onnx").info("%s: %s", label, note)
         graph.check_weights()
         del proto
         layers = build_layers(graph)
@@ -213,12 +218,16 @@ class LRP:
         per_layer: also output the relevance each layer sends to its inputs
             (``relevance_in_<i>``, see :attr:`per_layer_outputs`).
         opset: convert the model to this default-domain opset (16 or newer) before compiling;
-            ``None`` keeps the model's (models below 16 are upgraded to 17).
+            ``None`` keeps the model's (models below 16 are upgraded to 17 with
+            ``onnx.version_converter``; see :attr:`upgraded_from_opset`).
 
     Attributes:
         model: the compiled ``onnx.ModelProto`` (inputs + ``target`` or ``output_relevance``,
             outputs + ``relevance``).
         input_name, output_name: the explained input and output.
+        upgraded_from_opset: the opset a model below opset 13 was read at before it was
+            upgraded to 17 (also in the compiled model's record, ``upgraded_from_opset``; the
+            command line says so on stderr); ``None`` otherwise.
         layers: the layer view; ``rules``: the rule of each layer.
         per_layer_outputs: ``(output name, 1-based layer index, layer summary)`` of each
             per-layer relevance output (empty unless ``per_layer``).
@@ -254,6 +263,7 @@ class LRP:
         self.layers: list[Layer] = prep.layers
         self.indices = prep.indices
         self.input_name = prep.graph.fed_input.name
+        self.upgraded_from_opset: int | None = prep.graph.upgraded_from.get("upgraded_from_opset")
         self.output_name = prep.graph.explained.name
         shape = prep.graph.shape(prep.graph.logits)
         self.num_classes = int(shape[class_axis(shape)] or 0)

@@ -75,7 +75,6 @@ def test_dynamic_feature_dim_compiles() -> None:
 
 
 @pytest.mark.parametrize("case, needle", [
-    ("opset11", "opset 11 is below 13"),
     ("two_inputs", "2 floating-point inputs"),
     ("int_input", "no floating-point model input"),
     ("no_batch", "batch dimension"),
@@ -83,9 +82,7 @@ def test_dynamic_feature_dim_compiles() -> None:
 def test_refused_models(case: str, needle: str) -> None:
     mm = [helper.make_node("MatMul", ["input", "w"], ["logits"], name="m")]
     inits = [numpy_helper.from_array(W, "w")]
-    if case == "opset11":
-        model = _mlp(mm, inits, opset=11)
-    elif case == "two_inputs":
+    if case == "two_inputs":
         model = _mlp(mm + [], inits, inputs=[
             helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4]),
             helper.make_tensor_value_info("other", TensorProto.FLOAT, ["N", 4])])

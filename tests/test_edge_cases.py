@@ -82,10 +82,6 @@ def _empty_graph(m: onnx.ModelProto) -> None:
     del m.graph.node[:]
 
 
-def _opset_12(m: onnx.ModelProto) -> None:
-    m.opset_import[0].version = 12
-
-
 def _no_outputs(m: onnx.ModelProto) -> None:
     del m.graph.output[:]
 
@@ -121,7 +117,6 @@ MALFORMED: dict[str, tuple[Callable[[onnx.ModelProto], None], type[LRPError], st
                      r"node '/0/0.0/Conv' \(Conv\) has a weight of rank 4 "
                      r"\(shape \[8, 3, 3, 3\]\); Conv needs rank 3"),
     "empty_graph": (_empty_graph, ModelLoadError, r"the graph has no nodes"),
-    "opset_12": (_opset_12, ModelLoadError, r"opset 12 is below 13"),
     "no_outputs": (_no_outputs, ModelLoadError, r"the graph has no outputs"),
     "no_inputs": (_no_inputs, ModelLoadError, r"the graph has no inputs"),
     "zero_dim": (_input_dim(1, 0), ModelLoadError, r"input 'input' has a dimension of size 0"),

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from lrp_onnx.cli.argtypes import in_range, number, positive_int
+from lrp_onnx.cli.notes import Notes
 from lrp_onnx.cli.outputs import (
     PROGRESS_MIN_SAMPLES,
     Progress,
@@ -467,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    source = args.input if args.func is cmd_convert else getattr(args, "model", None)
+    notes = Notes(PROG, source if isinstance(source, str) else None).install()
     try:
         return int(args.func(args))
     except (LRPError, CLIError, OSError) as exc:
@@ -481,6 +484,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: internal error: {type(exc).__name__}: {text} (please report this with "
               f"the model)", file=sys.stderr)
         return 3
+    finally:
+        notes.remove()
 
 
 if __name__ == "__main__":  # pragma: no cover

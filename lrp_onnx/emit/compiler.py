@@ -364,6 +364,7 @@ def _export(graph: Graph, meta: onnx.ModelProto | None, layers: Sequence[Layer],
         record["tokens"] = int(graph.embedding.gather.inputs[0].shape[0])  # the vocabulary
     elif len(graph.float_inputs) > 1:
         record["explained_input"] = graph.data_input.name
+    record.update(graph.upgraded_from)  # an old opset / IR upgraded (empty for others)
     entry = model.metadata_props.add()
     entry.key, entry.value = RECORD_KEY, json.dumps(record, sort_keys=True)
     return model

@@ -16,6 +16,12 @@ import onnx_graphsurgeon as gs
 
 from lrp_onnx.emit.registry import Kind, Sign, is_kind, spec_of
 from lrp_onnx.errors import UnsupportedAttribute, UnsupportedModel, node_label
+from lrp_onnx.frontend.explained import (
+    check_domains,
+    check_tensor_output,
+    default_output,
+    is_standard,
+)
 from lrp_onnx.frontend.load import default_opset, shape_inference_error
 from lrp_onnx.frontend.shapes import resolve
 from lrp_onnx.frontend.tokens import TOKEN_IDS, Embedding, find_embeddings
@@ -90,6 +96,9 @@ class Graph:
     def __init__(self, model: onnx.ModelProto, label: str, output: str | None = None,
                  input: str | None = None) -> None:
         self.label = label
+        #: record fields of an old model's upgrade (:func:`lrp_onnx.frontend.passes.
+        #: upgrade_note`), set by :func:`lrp_onnx.api.prepare`, which saw the model as read
+        self.upgraded_from: dict[str, int] = {}
         #: the pipeline's private model; the compiled model is built in it (weights stay put)
         self.proto = model
         self.opset = default_opset(model)
@@ -118,7 +127,7 @@ class Graph:
             )
         outs = {o.name: o for o in self.gs.outputs}
         if output is None:
-            self.explained = self.gs.outputs[0]
+            self.explained = default_output(model, self.gs.outputs)
         elif output in outs:
             self.explained = outs[output]
         else:
@@ -126,6 +135,7 @@ class Graph:
                 f"{label}: no graph output '{output}' (outputs: {', '.join(outs)})"
             )
 
+        check_tensor_output(self.proto, self.explained, label)
         self.data: set[str] = self._data_dependent()
         if self.explained.name not in self.data:
             raise UnsupportedModel(
@@ -135,7 +145,7 @@ class Graph:
         logits = self.explained
         head = self.producer(logits)
         while head is not None:
-            if _is_head(head.op) and len(self.data_inputs(head)) == 1:
+            if _is_head(head.op) and is_standard(head) and len(self.data_inputs(head)) == 1:
                 logits = self.data_inputs(head)[0]
             else:
                 wrapped = self._wrapped_head(head)
@@ -145,6 +155,7 @@ class Graph:
             head = self.producer(logits)
         self.logits: gs.Variable = logits
         self.nodes: list[gs.Node] = self._relevance_path()
+        check_domains(self.nodes, label, self.data_input.name, self.logits.name)
         self.nonneg: set[str] = self._nonneg()
 
     def _wrapped_head(self, reshape: gs.Node) -> gs.Tensor | None:

@@ -14,8 +14,6 @@ from lrp_onnx.dtypes import FLOAT_ITEMSIZE
 from lrp_onnx.errors import ModelLoadError
 from lrp_onnx.io import read_model
 
-#: Lowest default-domain opset accepted; 13 moved ``axes``/``split`` to inputs for the ops we emit.
-MIN_OPSET = 13
 
 def default_opset(model: onnx.ModelProto) -> int:
     """The model's ``ai.onnx`` opset version (0 if it imports none)."""
@@ -72,7 +70,9 @@ def load_model(model: str | os.PathLike[str] | onnx.ModelProto,
         ``(proto, label)`` where ``label`` names the source in error messages.
 
     Raises:
-        ModelLoadError: unreadable file, not protobuf, fails ``onnx.checker``, or opset below 13.
+        ModelLoadError: unreadable file, not protobuf, fails ``onnx.checker``, or has nodes
+            from a domain ONNX Runtime does not implement. Old opsets are accepted here and
+            upgraded by :func:`lrp_onnx.frontend.passes.upgrade_opset`.
     """
     if isinstance(model, onnx.ModelProto):
         label = model.graph.name or "<ModelProto>"
@@ -112,6 +112,10 @@ def load_model(model: str | os.PathLike[str] | onnx.ModelProto,
 MAX_SAMPLE_ELEMENTS = 2**31
 #: Op domains the compiler reads (the ONNX standard ops).
 STANDARD_DOMAINS = ("", "ai.onnx")
+#: Other op domains ONNX Runtime implements: their nodes run as they are off the relevance
+#: path (a scikit-learn converter's ``ArrayFeatureExtractor`` computing the label output);
+#: on it they are refused (:meth:`lrp_onnx.frontend.graph.Graph`), as they have no rule.
+RUNTIME_DOMAINS = ("ai.onnx.ml", "com.microsoft")
 
 
 def one_line(text: str, limit: int = 300) -> str:
@@ -200,12 +204,13 @@ def check_structure(proto: onnx.ModelProto, label: str) -> None:
         for a in n.attribute:
             if a.name == "group" and a.type == onnx.AttributeProto.INT and a.i < 1:
                 raise ModelLoadError(f"{label}: node {_node_ref(n)} has group={a.i}")
-    foreign = [n for n in graph.node if n.domain not in STANDARD_DOMAINS]
+    foreign = [n for n in graph.node if n.domain not in STANDARD_DOMAINS + RUNTIME_DOMAINS]
     if foreign:
         listed = ", ".join(f"{_node_ref(n)} from domain '{n.domain}'" for n in foreign[:5])
         more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-        raise ModelLoadError(f"{label}: ops outside the ONNX standard domain are not supported: "
-                             f"{listed}{more}")
+        raise ModelLoadError(f"{label}: ops outside the ONNX standard domain and the domains "
+                             f"ONNX Runtime implements ({', '.join(RUNTIME_DOMAINS)}) are not "
+                             f"supported: {listed}{more}")
     producer: dict[str, int] = {}
     for k, node in enumerate(graph.node):
         for out in node.output:
@@ -296,12 +301,6 @@ def validate(proto: onnx.ModelProto, label: str) -> None:
     """Structural checks with one-line errors (``onnx.checker`` plus what the compiler needs)."""
     if len(proto.graph.node) == 0:
         raise ModelLoadError(f"{label}: the graph has no nodes")
-    opset = default_opset(proto)
-    if opset < MIN_OPSET:
-        raise ModelLoadError(
-            f"{label}: default-domain opset {opset} is below {MIN_OPSET}; "
-            "re-export with opset_version>=13 (17 recommended)"
-        )
     check_structure(proto, label)
     try:
         run_onnx_checker(proto)

@@ -10,7 +10,7 @@ memory. None of these passes changes a computed value; they rename, alias and an
 * ``lower_attention``: the fused ``Attention`` op (opset 23+) becomes its unfused computation
   (:mod:`lrp_onnx.frontend.lowering`; the one pass that changes how a value is computed);
 * ``upgrade_opset``: models below opset 16 are converted to 17 (``ScatterElements`` needs
-  ``reduction``);
+  ``reduction``), and IR < 4 models' initializers listed as graph inputs stop being inputs;
 * ``fold_constant_weights``: a float value computed from initializers alone (``Transpose(W)``,
   ``Cast(W_fp16)``, a ``ConstantOfShape`` bias) and read as a linear layer's weight or bias
   becomes an initializer holding the value ONNX Runtime computes for it, and the nodes and
@@ -38,6 +38,7 @@ weights.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -133,18 +134,93 @@ def fold_constant_nodes(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
     return model
 
 
+#: Lowest IR version whose graph inputs need not list the initializers (IR 3 lists every
+#: initializer as a graph input too).
+CONSTANTS_NOT_INPUTS_IR = 4
+
+
+def drop_initializer_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """For IR < 4, remove the graph inputs that are initializers (IR 3 lists every weight as an
+    input: they are the model's constants, not inputs to explain or to keep as inputs of the
+    compiled model) and raise the IR to 4, where that listing is not required; newer models
+    are returned untouched."""
+    if model.ir_version >= CONSTANTS_NOT_INPUTS_IR:
+        return model
+    inits = {t.name for t in model.graph.initializer}
+    keep = [vi for vi in model.graph.input if vi.name not in inits]
+    if len(keep) != len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
+    model.ir_version = CONSTANTS_NOT_INPUTS_IR
+    return model
+
+
+def _converter_blockers(model: onnx.ModelProto, message: str) -> str:
+    """The nodes a version-converter message points at (an op type or an attribute name it
+    quotes), as `` at 'name' (Op), ...``; empty when it names neither."""
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", message))
+    hits = [n for n in model.graph.node if n.op_type in words] or \
+        [n for n in model.graph.node if any(a.name in words for a in n.attribute)]
+    if not hits:
+        return ""
+    listed = ", ".join(f"'{n.name}' ({n.op_type})" for n in hits[:5])
+    return f" at {listed}" + (f" and {len(hits) - 5} more" if len(hits) > 5 else "")
+
+
+#: Models below this opset (or IR 4) get a note in the compiled model's record and on the
+#: command line's stderr when upgraded; opsets 13-15 were upgraded silently before old opsets
+#: were accepted and stay so (their compiled bytes do not change).
+NOTE_BELOW = 13
+
+
+def upgrade_note(opset: int, ir_version: int) -> tuple[dict[str, int], str]:
+    """What :func:`upgrade_opset` does to a model read at ``opset`` and ``ir_version``: the
+    record fields (``upgraded_from_opset``, ``upgraded_from_ir``; empty for a model it leaves
+    as it was, or upgrades from opset 13-15) and one line saying so (empty then)."""
+    fields: dict[str, int] = {}
+    done = []
+    if opset < NOTE_BELOW:
+        fields["upgraded_from_opset"] = opset
+        done.append(f"upgraded from opset {opset} to {TARGET_OPSET} with onnx.version_converter")
+    if ir_version < CONSTANTS_NOT_INPUTS_IR:
+        fields["upgraded_from_ir"] = ir_version
+        done.append(f"IR {ir_version}: the initializers it lists as graph inputs are read as "
+                    "constants, not inputs")
+    return fields, "; ".join(done)
+
+
 def upgrade_opset(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
-    """Convert models below opset 16 to opset 17 with ``onnx.version_converter``."""
+    """Bring an old model to the compiler's floor: initializers listed as inputs (IR < 4) are
+    dropped from the inputs (:func:`drop_initializer_inputs`), and models below opset 16 are
+    converted to opset 17 with ``onnx.version_converter`` (its new ``Constant`` nodes become
+    initializers, as ``fold_constant_nodes`` does for the exporter's); for a model that was
+    at IR < 4, the IR is raised to the least the new opsets need (ONNX Runtime runs it)."""
+    old_ir = model.ir_version
+    model = drop_initializer_inputs(model)
     opset = default_opset(model)
     if opset >= UPGRADE_BELOW:
-        return model
+        return _least_ir(model) if old_ir < CONSTANTS_NOT_INPUTS_IR else model
     try:
         converted = version_converter.convert_version(model, TARGET_OPSET)
     except Exception as exc:  # the converter raises bare RuntimeError/ValueError/IndexError
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        why = first.split(" failed: ", 1)[-1]  # drop the converter's source location
         raise CanonizerError(
-            f"{label}: cannot upgrade opset {opset} to {TARGET_OPSET}: {str(exc).splitlines()[0]}"
+            f"{label}: onnx.version_converter cannot upgrade opset {opset} to {TARGET_OPSET}"
+            f"{_converter_blockers(model, why)}: {why}; convert or re-export the model at "
+            f"opset {TARGET_OPSET} yourself"
         ) from None
-    return converted
+    if old_ir < CONSTANTS_NOT_INPUTS_IR:
+        converted = _least_ir(converted)
+    return fold_constant_nodes(converted, label)
+
+
+def _least_ir(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its IR raised to the least its opsets need (onnx's version table)."""
+    model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(
+        list(model.opset_import), ignore_unknown=True))
+    return model
 
 
 def _parameter_slots(g: onnx.GraphProto) -> set[str]:
