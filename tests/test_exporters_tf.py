@@ -48,7 +48,6 @@ from lrp_onnx import (
     GlobalTypeMap,
     check,
 )
-from lrp_onnx.errors import LRPError
 from lrp_onnx.testing import float64
 from lrp_onnx.testing.references import (
     assert_relevance_close,
@@ -88,26 +87,6 @@ COMPOSITES: dict[str, tuple[Any, str, str, float]] = {
     "EpsilonPlus": (EpsilonPlus, "zplus", "zplus", 1e-6),
     "EpsilonPlusFlat": (EpsilonPlusFlat, "flat", "zplus", 1e-6),
 }
-
-
-def _folding_available() -> bool:
-    """True unless compiling the unoptimized depthwise model fails on its computed weight."""
-    try:
-        LRP(DATA / "keras_depthwise_unoptimized.onnx")
-    except LRPError as exc:
-        return "is not a constant" not in str(exc)
-    return True
-
-
-folding_available = _folding_available()
-needs_folding = pytest.mark.skipif(
-    not folding_available,
-    reason="weights computed from initializers (Transpose(Reshape(W))) need constant folding")
-
-
-def _stems() -> list[Any]:
-    return [pytest.param(s, marks=needs_folding) if s.endswith("depthwise_unoptimized") else s
-            for s in ARCH]
 
 
 # -- reading the fixture (numpy and onnx only) -----------------------------------------------------
@@ -267,7 +246,7 @@ def test_onnx_runtime_matches_keras(stem: str) -> None:
 
 
 @pytest.mark.parametrize("composite", list(COMPOSITES))
-@pytest.mark.parametrize("stem", _stems())
+@pytest.mark.parametrize("stem", ARCH)
 def test_relevance_matches_numpy_reference(stem: str, composite: str) -> None:
     path = DATA / f"{stem}.onnx"
     analyzer = LRP(path, COMPOSITES[composite][0]())
@@ -300,7 +279,7 @@ def test_relevance_matches_numpy_reference(stem: str, composite: str) -> None:
     assert_relevance_close(r64["relevance"], expected, np.float64)
 
 
-@pytest.mark.parametrize("stem", _stems())
+@pytest.mark.parametrize("stem", ARCH)
 def test_lrp_onnx_check_passes(stem: str) -> None:
     report = check.check_model(DATA / f"{stem}.onnx", EpsilonPlusFlat())
     failed = [f"{r.name}: {r.detail}" for r in report.results if r.ok is False]

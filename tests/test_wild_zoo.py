@@ -11,10 +11,6 @@ on the torch model (EpsilonPlusFlat, as ``tests/test_zennit.py``: same targets, 
 relative L2 <= 1e-4 and correlation >= 0.9999 per sample). Zennit has no rule for
 ``LocalResponseNorm`` (its gradient would be used): it gets ``Pass``, the rule under test, and
 MaxPool gets Zennit's ``Norm`` (exactly our ZeroRule on a pool, see ``tests/test_zennit.py``).
-
-Until the old-opset loader lands (issue 19, item 1), ``_loadable`` upgrades an old model with
-``onnx.version_converter`` to 17, sets IR 8 and drops the initializers from the graph inputs, as
-the loader is to do; it does nothing once the loader accepts such a file itself.
 """
 
 from __future__ import annotations
@@ -40,7 +36,6 @@ from zennit.rules import Norm, Pass  # noqa: E402
 import lrp_onnx  # noqa: E402
 from conftest import ort_session  # noqa: E402
 from lrp_onnx import LRP, EpsilonPlusFlat, check_model  # noqa: E402
-from lrp_onnx.errors import LRPError  # noqa: E402
 from lrp_onnx.testing import oracle  # noqa: E402
 
 SHAPE = (3, 16, 16)
@@ -250,35 +245,6 @@ def zoo_model(name: str, opset: int, old: bool, softmax: bool = False) -> onnx.M
     return w.model(out, shape)
 
 
-# -- until the old-opset loader lands -------------------------------------------------------------
-def _loader_takes_old_files() -> bool:
-    """Whether lrp_onnx itself loads an opset-7, IR-3 file with initializers as inputs."""
-    w = Writer(7, True)
-    out = w.conv("data", nn.Conv2d(3, 2, 1))
-    try:
-        lrp_onnx.api.prepare(w.model(out, ["N", 2, *SHAPE[1:]]))
-    except LRPError:
-        return False
-    return True
-
-
-OLD_FILES_LOAD = _loader_takes_old_files()
-
-
-def _loadable(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` as lrp_onnx loads it: as it is once the loader upgrades old files; before that,
-    upgraded here (version converter to 17, IR 8, initializers no longer graph inputs)."""
-    if OLD_FILES_LOAD or model.ir_version >= 4:
-        return model
-    up = version_converter.convert_version(model, 17)
-    up.ir_version = 8
-    inits = {t.name for t in up.graph.initializer}
-    kept = [i for i in up.graph.input if i.name not in inits]
-    del up.graph.input[:]
-    up.graph.input.extend(kept)
-    return up
-
-
 # -- the Zennit reference (once per family) ----------------------------------------------------
 def zennit_composite() -> Any:
     return zc.EpsilonPlusFlat(layer_map=[(nn.LocalResponseNorm, Pass()), (nn.MaxPool2d, Norm())])
@@ -316,7 +282,7 @@ CASES = [(name, softmax) for name in FAMILIES for softmax in (False, True)
 def test_zoo_graph_matches_zennit_and_passes_check(name: str, softmax: bool, opset: int,
                                                    old: bool) -> None:
     x, logits, target, ref = reference(name)
-    model = _loadable(zoo_model(name, opset, old, softmax))
+    model = zoo_model(name, opset, old, softmax)
     analyzer = LRP(model, EpsilonPlusFlat())
     assert analyzer.num_classes == CLASSES
     expl = analyzer.analyze(x, target, device="cpu")
