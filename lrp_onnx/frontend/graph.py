@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from lrp_onnx.emit.registry import Kind, Sign, is_kind, spec_of
 from lrp_onnx.errors import UnsupportedAttribute, UnsupportedModel, node_label
@@ -109,7 +110,10 @@ class Graph:
         #: (:mod:`lrp_onnx.frontend.shapes`); read by :meth:`shape`, never exported
         self.facts = resolve(model)
         try:
-            self.gs = gs.import_onnx(model)
+            # graphsurgeon warns on stderr about what it keeps as it is (a non-tensor output
+            # such as skl2onnx's ZipMap, which is refused below in one line of ours)
+            with G_LOGGER.suppress(G_LOGGER.ERROR):
+                self.gs = gs.import_onnx(model)
             self.gs.toposort()
         except (KeyError, ValueError, TypeError, IndexError, RecursionError) as exc:
             # e.g. an unknown dtype, raw data that does not fit its shape, a subgraph cycle
