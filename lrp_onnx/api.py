@@ -84,9 +84,15 @@ def prepare(model: Any, output: str | None = None, opset: int | None = None,
         graph.upgraded_from = upgraded
         if note:  # the command line prints it on stderr; the API stays silent
             logging.getLogger("lrp_onnx").info("%s: %s", label, note)
-        graph.check_weights()
         del proto
-        layers = build_layers(graph)
+        try:
+            graph.check_weights()
+            layers = build_layers(graph)
+        except LRPError:
+            # the layer view could not be built: where ops of other domains are on the path,
+            # they are why (they have no rule, and often no inferred shape): name them
+            graph.check_domains()
+            raise
         tree = Container("chain", list(layers)) if flat else build_tree(layers)
     return Prepared(label, graph, layers, tree, nested_indices(tree), meta,
                     bool(info.get("external_data")))

@@ -215,10 +215,11 @@ def test_old_torch_export_matches_zennit(opset: int, tmp_path: Path) -> None:
 W4 = np.random.default_rng(5).standard_normal((4, 3)).astype(np.float32)
 
 
-def _domains_model(on_path: bool, opset: int = 17) -> onnx.ModelProto:
+def _domains_model(on_path: bool, opset: int = 17, sin: bool = False) -> onnx.ModelProto:
     """``x @ W`` explained, with an ``ai.onnx.ml`` label (ArgMax -> ArrayFeatureExtractor) and a
     ``com.microsoft`` Gelu of the logits as outputs off the relevance path; ``on_path`` puts an
-    ``ai.onnx.ml`` Scaler and a ``com.microsoft`` Gelu before the MatMul."""
+    ``ai.onnx.ml`` Scaler and a ``com.microsoft`` Gelu before the MatMul, ``sin`` a standard
+    ``Sin`` (no rule either) after them."""
     first = "x"
     nodes = []
     if on_path:
@@ -227,6 +228,9 @@ def _domains_model(on_path: bool, opset: int = 17) -> onnx.ModelProto:
                   helper.make_node("Gelu", ["scaled"], ["act"], domain="com.microsoft",
                                    name="gelu_in")]
         first = "act"
+    if sin:
+        nodes.append(helper.make_node("Sin", [first], ["wave"], name="sin"))
+        first = "wave"
     nodes += [helper.make_node("MatMul", [first, "w"], ["logits"], name="mm"),
               helper.make_node("ArgMax", ["logits"], ["am"], axis=1, keepdims=0, name="argmax"),
               helper.make_node("ArrayFeatureExtractor", ["classes", "am"], ["label"],
@@ -272,20 +276,28 @@ def test_other_domains_off_the_path_run_as_they_are(opset: int, tmp_path: Path) 
     assert report.ok, [(r.name, r.detail) for r in report.results if r.ok is False]
 
 
-def test_other_domains_on_the_path_are_named_at_once(tmp_path: Path,
+@pytest.mark.parametrize("sin", [False, True])
+def test_other_domains_on_the_path_are_named_at_once(sin: bool, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Every blocker in one line: the foreign nodes on the path and a standard op without a
+    rule, each with what to do."""
     path = tmp_path / "on_path.onnx"
-    onnx.save(_domains_model(True), path)
+    onnx.save(_domains_model(True, sin=sin), path)
     with pytest.raises(UnsupportedOp) as info:
         L.LRP(path, L.EpsilonPlus())
     text = str(info.value)
-    assert "\n" not in text and text.startswith(f"{path}: 2 node(s) outside the ONNX standard")
+    assert "\n" not in text and text.startswith(
+        f"{path}: {2 + sin} node(s) on the relevance path have no relevance rule")
     assert "'scaler' (Scaler) from domain 'ai.onnx.ml', 'gelu_in' (Gelu) from domain " \
         "'com.microsoft'" in text and "output=NAME" in text
+    assert ("'sin' (Sin)" in text and "NameMap('sin', PassRule())" in text) == sin
     assert "afe" not in text and "gelu_out" not in text  # off the path: not blockers
     out = tmp_path / "out.onnx"
     assert main(["convert", str(path), str(out)]) == 1
     assert capsys.readouterr().err.count("\n") == 1 and not out.exists()
+    if not sin:  # PassRule does not force a foreign node through
+        with pytest.raises(UnsupportedOp, match="from domain 'ai.onnx.ml'"):
+            L.LRP(path, L.Composite(L.GlobalMap(L.PassRule())))
 
 
 def test_domain_onnx_runtime_lacks_is_refused_at_load() -> None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lrp_onnx.errors import RuleNotApplicable, UnsupportedOp, node_label
+from lrp_onnx.frontend.load import STANDARD_DOMAINS
 from lrp_onnx.rules.core import GradientRule, PassRule, Rule
 
 if TYPE_CHECKING:
@@ -280,6 +281,11 @@ def _passable(layer: Layer, shape_of: Callable[[gs.Tensor], list[int | None]]) -
     return shape_of(layer.inputs[0]) == shape_of(layer.output)
 
 
+def _foreign(layer: Layer) -> list[str]:
+    """Domains outside the ONNX standard one among ``layer``'s nodes (no rule covers them)."""
+    return [n.domain for n in layer.nodes if (n.domain or "") not in STANDARD_DOMAINS]
+
+
 def resolve_entries(layers: Sequence[Layer], rules: Sequence[Rule], label: str, opset: int,
                     shape_of: Callable[[gs.Tensor], list[int | None]]) -> list[OpSpec]:
     """The spec of every layer, checked against its rule.
@@ -291,24 +297,31 @@ def resolve_entries(layers: Sequence[Layer], rules: Sequence[Rule], label: str, 
     entries: list[OpSpec | None] = []
     missing: list[Layer] = []
     for layer, rule in zip(layers, rules, strict=True):
-        if has_emitter(layer.kind):
+        if not _foreign(layer) and has_emitter(layer.kind):
             entries.append(None)
-        elif isinstance(rule, PassRule) and _passable(layer, shape_of):
+        elif not _foreign(layer) and isinstance(rule, PassRule) and _passable(layer, shape_of):
             entries.append(OpSpec(layer.kind, Kind.IDENTITY, emit=_pass_through,
                                   rules=(PassRule,)))
         else:
             missing.append(layer)
             entries.append(None)
     if missing:
-        listed = ", ".join(node_label(la.name, la.kind) for la in missing)
-        kinds = ", ".join(dict.fromkeys(f"'{la.kind}': PassRule()" for la in missing))
-        first = missing[0].name
+        listed = ", ".join(node_label(la.name, la.kind) + "".join(
+            f" from domain '{d}'" for d in dict.fromkeys(_foreign(la))) for la in missing)
+        standard = [la for la in missing if not _foreign(la)]
+        hint = ""
+        if standard:
+            kinds = ", ".join(dict.fromkeys(f"'{la.kind}': PassRule()" for la in standard))
+            hint += (f"; where such a node only transforms values elementwise, PassRule forces "
+                     f"relevance through it, e.g. Composite(<preset maps>, "
+                     f"GlobalTypeMap({{{kinds}}})) or NameMap({standard[0].name!r}, PassRule())")
+        if len(standard) < len(missing):
+            hint += ("; nodes outside the ONNX standard domain run as they are only off the "
+                     "relevance path: explain an output computed by standard ops (output=NAME, "
+                     "--output-name NAME) or re-export these ops as standard ONNX ops")
         raise UnsupportedOp(
             f"{label}: {len(missing)} node(s) on the relevance path have no relevance rule "
-            f"(opset {opset}): {listed}; where such a node only transforms values elementwise, "
-            f"PassRule forces relevance through it, e.g. Composite(<preset maps>, "
-            f"GlobalTypeMap({{{kinds}}})) or NameMap({first!r}, PassRule()); "
-            f"supported ops: {', '.join(supported_ops())}"
+            f"(opset {opset}): {listed}{hint}; supported ops: {', '.join(supported_ops())}"
         )
     return [e if e is not None else check_rule(la, r)
             for la, r, e in zip(layers, rules, entries)]

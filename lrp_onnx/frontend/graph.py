@@ -159,7 +159,6 @@ class Graph:
             head = self.producer(logits)
         self.logits: gs.Variable = logits
         self.nodes: list[gs.Node] = self._relevance_path()
-        check_domains(self.nodes, label, self.data_input.name, self.logits.name)
         self.nonneg: set[str] = self._nonneg()
 
     def _wrapped_head(self, reshape: gs.Node) -> gs.Tensor | None:
@@ -191,6 +190,12 @@ class Graph:
         first, *rest = (int(d) for d in np.ravel(fixed))
         batch_ok = first in (0, -1) and not reshape.attrs.get("allowzero", 0) or first == dims[0]
         return v if batch_ok and rest == dims[1:] else None
+
+    def check_domains(self) -> None:
+        """Refuse, naming them all, nodes outside the ONNX standard domain on the relevance
+        path (where the layer view cannot be built; else they are listed with every other node
+        that has no relevance rule, :func:`lrp_onnx.emit.registry.resolve_entries`)."""
+        check_domains(self.nodes, self.label, self.data_input.name, self.logits.name)
 
     @property
     def fed_input(self) -> gs.Variable:
