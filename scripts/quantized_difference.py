@@ -30,29 +30,6 @@ SAMPLES = ROOT / "models" / "digits_samples.npy"
 LABELS = ROOT / "models" / "digits_labels.npy"
 
 
-def quantize(src: Path, dst: Path, calibration: np.ndarray, per_channel: bool) -> Path:
-    """``quantize_static`` in QDQ format with int8 activations and weights."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"input": calibration[i:i + 1]}
-                                 for i in range(len(calibration))])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.batches, None)
-
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=per_channel, activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8)
-    return dst
-
-
 def compare(float_rel: np.ndarray, int8_rel: np.ndarray) -> list[dict[str, float]]:
     """Per sample relative L2 difference and Pearson correlation."""
     rows = []
@@ -67,6 +44,7 @@ def measure(composites: list[str]) -> dict[str, Any]:
     import logging
 
     import lrp_onnx
+    from lrp_onnx.testing.quantized import quantize
 
     logging.getLogger().setLevel(logging.ERROR)  # quantize_static's pre-processing advice
     x = np.load(SAMPLES).astype(np.float32)

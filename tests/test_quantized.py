@@ -40,6 +40,7 @@ import lrp_onnx as L  # noqa: E402
 from conftest import ort_session  # noqa: E402
 from lrp_onnx.check import check_model  # noqa: E402
 from lrp_onnx.testing import oracle  # noqa: E402
+from lrp_onnx.testing.quantized import quantize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSITES = [("EpsilonPlus", L.EpsilonPlus, zc.EpsilonPlus),
@@ -47,29 +48,6 @@ COMPOSITES = [("EpsilonPlus", L.EpsilonPlus, zc.EpsilonPlus),
 
 
 # -- quantizing -------------------------------------------------------------------------------
-def quantize(src: Path, dst: Path, calibration: np.ndarray, per_channel: bool) -> Path:
-    """``quantize_static`` in QDQ format, int8 activations and weights."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"input": calibration[i:i + 1]}
-                                 for i in range(len(calibration))])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.batches, None)
-
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=per_channel, activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8)
-    return dst
-
-
 def small_cnn() -> object:
     from torch import nn
 
