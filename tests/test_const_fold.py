@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import lrp_onnx as L
 from conftest import ort_session
-from lrp_onnx.frontend.passes import fold_constant_weights
+from lrp_onnx.frontend.constants import fold_constant_weights
 
 W = (np.arange(12, dtype=np.float32).reshape(4, 3) - 5.5) / 7  # x @ W: 4 features -> 3 classes
 B = np.array([0.25, -0.5, 0.125], dtype=np.float32)

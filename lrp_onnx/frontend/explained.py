@@ -1,16 +1,24 @@
-"""What a model may have explained: the default output, tensor outputs only, and ops of the
-ONNX standard domain on the relevance path (other domains run as they are off it)."""
+"""What a model may have explained: the default output, tensor outputs only, the head that
+relevance starts under (an old opset's Softmax over axis 1 as the version converter spells it),
+and ops of the ONNX standard domain on the relevance path (other domains run as they are off
+it)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from lrp_onnx.dtypes import FLOAT_ITEMSIZE
+from lrp_onnx.emit.registry import Kind, is_kind
 from lrp_onnx.errors import UnsupportedModel, UnsupportedOp, node_label
 from lrp_onnx.frontend.load import STANDARD_DOMAINS
+
+if TYPE_CHECKING:
+    from lrp_onnx.frontend.graph import Graph
 
 
 def is_standard(node: gs.Node) -> bool:
@@ -67,3 +75,34 @@ def check_domains(path: Sequence[gs.Node], label: str, start: str, end: str) -> 
         f"path from '{start}' to '{end}' and have no LRP rule: {listed}{more}; explain an output "
         "computed by standard ops (output=NAME, --output-name NAME) or re-export these ops as "
         "standard ONNX ops")
+
+
+def wrapped_head(graph: Graph, reshape: gs.Node) -> gs.Tensor | None:
+    """``v`` where ``reshape`` is ``Reshape(Softmax(Flatten(v, axis=1)), Shape(v))`` (or
+    LogSoftmax; or the shape as a constant), the spelling of an opset < 13 Softmax over axis
+    1 of an ``[N, K, 1, 1]`` value that ``onnx.version_converter`` writes; else ``None``."""
+    if reshape.op != "Reshape" or len(graph.data_inputs(reshape)) != 1 or \
+            reshape.inputs[0].name not in graph.data:
+        return None
+    head = graph.producer(reshape.inputs[0])
+    if head is None or not is_kind(head.op, Kind.OUTPUT) or len(graph.data_inputs(head)) != 1:
+        return None
+    flat = graph.producer(graph.data_inputs(head)[0])
+    if flat is None or flat.op != "Flatten" or int(flat.attrs.get("axis", 1)) != 1 or \
+            int(head.attrs.get("axis", -1)) not in (1, -1):
+        return None
+    v = flat.inputs[0]
+    if v.name not in graph.data or len(reshape.inputs) < 2:
+        return None
+    shape_of = graph.producer(reshape.inputs[1])
+    if shape_of is not None and shape_of.op == "Shape" and shape_of.inputs[0] is v and \
+            not shape_of.attrs:
+        return v
+    # or a constant shape: v's static dims, the batch dim given as itself, 0 (copied) or -1
+    fixed = graph.const_value(reshape.inputs[1])
+    dims = graph.shape(v) if v.shape is not None or v.name in graph.facts else None
+    if fixed is None or dims is None or None in dims[1:] or len(np.ravel(fixed)) != len(dims):
+        return None
+    first, *rest = (int(d) for d in np.ravel(fixed))
+    batch_ok = first in (0, -1) and not reshape.attrs.get("allowzero", 0) or first == dims[0]
+    return v if batch_ok and rest == dims[1:] else None

@@ -22,6 +22,7 @@ from lrp_onnx.frontend.explained import (
     check_tensor_output,
     default_output,
     is_standard,
+    wrapped_head,
 )
 from lrp_onnx.frontend.load import default_opset, shape_inference_error
 from lrp_onnx.frontend.shapes import resolve
@@ -152,7 +153,7 @@ class Graph:
             if _is_head(head.op) and is_standard(head) and len(self.data_inputs(head)) == 1:
                 logits = self.data_inputs(head)[0]
             else:
-                wrapped = self._wrapped_head(head)
+                wrapped = wrapped_head(self, head)
                 if wrapped is None:
                     break
                 logits = wrapped
@@ -160,36 +161,6 @@ class Graph:
         self.logits: gs.Variable = logits
         self.nodes: list[gs.Node] = self._relevance_path()
         self.nonneg: set[str] = self._nonneg()
-
-    def _wrapped_head(self, reshape: gs.Node) -> gs.Tensor | None:
-        """``v`` where ``reshape`` is ``Reshape(Softmax(Flatten(v, axis=1)), Shape(v))`` (or
-        LogSoftmax; or the shape as a constant), the spelling of an opset < 13 Softmax over axis
-        1 of an ``[N, K, 1, 1]`` value that ``onnx.version_converter`` writes; else ``None``."""
-        if reshape.op != "Reshape" or len(self.data_inputs(reshape)) != 1 or \
-                reshape.inputs[0].name not in self.data:
-            return None
-        head = self.producer(reshape.inputs[0])
-        if head is None or not is_kind(head.op, Kind.OUTPUT) or len(self.data_inputs(head)) != 1:
-            return None
-        flat = self.producer(self.data_inputs(head)[0])
-        if flat is None or flat.op != "Flatten" or int(flat.attrs.get("axis", 1)) != 1 or \
-                int(head.attrs.get("axis", -1)) not in (1, -1):
-            return None
-        v = flat.inputs[0]
-        if v.name not in self.data or len(reshape.inputs) < 2:
-            return None
-        shape_of = self.producer(reshape.inputs[1])
-        if shape_of is not None and shape_of.op == "Shape" and shape_of.inputs[0] is v and \
-                not shape_of.attrs:
-            return v
-        # or a constant shape: v's static dims, the batch dim given as itself, 0 (copied) or -1
-        fixed = self.const_value(reshape.inputs[1])
-        dims = self.shape(v) if v.shape is not None or v.name in self.facts else None
-        if fixed is None or dims is None or None in dims[1:] or len(np.ravel(fixed)) != len(dims):
-            return None
-        first, *rest = (int(d) for d in np.ravel(fixed))
-        batch_ok = first in (0, -1) and not reshape.attrs.get("allowzero", 0) or first == dims[0]
-        return v if batch_ok and rest == dims[1:] else None
 
     def check_domains(self) -> None:
         """Refuse, naming them all, nodes outside the ONNX standard domain on the relevance

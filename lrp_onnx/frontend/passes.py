@@ -48,7 +48,7 @@ import onnx
 from onnx import numpy_helper, version_converter
 
 from lrp_onnx.errors import CanonizerError
-from lrp_onnx.frontend import constants
+from lrp_onnx.frontend.constants import fold_constant_weights
 from lrp_onnx.frontend.load import default_opset, skeleton
 from lrp_onnx.frontend.lowering import lower_attention
 
@@ -220,75 +220,6 @@ def _least_ir(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with its IR raised to the least its opsets need (onnx's version table)."""
     model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(
         list(model.opset_import), ignore_unknown=True))
-    return model
-
-
-def _parameter_slots(g: onnx.GraphProto) -> set[str]:
-    """Values read as a parameter: an input after the first of a linear op (Conv's weight and
-    bias, Gemm's B and C, MatMul's W, BatchNormalization's statistics), or the other summand
-    of an ``Add`` of a linear op's output (a bias). Only these are folded: values read
-    elsewhere (a mask, a scale) compile as they are, and stay byte for byte as they were."""
-    from lrp_onnx.emit.registry import Kind, is_kind
-
-    linear_out = {o for n in g.node if is_kind(n.op_type, Kind.LINEAR) for o in n.output}
-    slots: set[str] = set()
-    for node in g.node:
-        if is_kind(node.op_type, Kind.LINEAR):
-            slots.update(node.input[1:])
-        elif node.op_type == "Add" and len(node.input) == 2:
-            a, b = node.input
-            slots.update(x for x, other in ((a, b), (b, a)) if other in linear_out)
-    return slots
-
-
-def fold_constant_weights(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
-    """Replace each float value that default-domain nodes compute from initializers alone and
-    that a data-dependent node reads as a weight or bias (:func:`_parameter_slots`) by an
-    initializer of its value, as ONNX Runtime computes
-    it (:func:`lrp_onnx.frontend.constants.evaluate`: the same kernels ONNX Runtime folds the
-    sub-graph with when it creates a session, so no bit changes). The constant nodes and the
-    initializers that only they read are dropped, so a weight is stored once. Left as they are:
-    integer values (shape arithmetic), values whose sub-graph holds a quantized weight
-    (``DequantizeLinear``: the forward pass keeps it as deployed, the graph view folds it for
-    the relevance pass only), values of a node with several outputs, and graph outputs. A model
-    without such values is returned untouched."""
-    g = model.graph
-    consts = constants.constant_nodes(g)
-    if not consts:
-        return model
-    producer = {o: n for n in consts for o in n.output if o}
-    outputs = {o.name for o in g.output}
-    slots = _parameter_slots(g)
-    wanted = [v for v in constants.boundary(g, consts)
-              if v in slots and v not in outputs
-              and len([o for o in producer[v].output if o]) == 1
-              and not constants.quantized(constants.cone(consts, [v]))]
-    if not wanted:
-        return model
-    values = constants.evaluate(model, constants.cone(consts, wanted), wanted)
-    folded = {v: a for v, a in (values or {}).items() if constants.is_float(a)}
-    if not folded:
-        return model
-    cone = constants.cone(consts, folded)
-    dropped = {id(producer[v]) for v in folded}
-    read: Counter[str] = Counter(i for n in g.node if id(n) not in dropped for i in n.input if i)
-    for node in reversed(cone):  # readers before producers: a chain empties from the top
-        if id(node) not in dropped and not any(read[o] or o in outputs for o in node.output if o):
-            dropped.add(id(node))
-            read.subtract(i for i in node.input if i)
-    orphans = {i for n in cone if id(n) in dropped for i in n.input if i} - \
-        {i for i, k in read.items() if k > 0} - outputs
-    kept = [t for t in g.initializer if t.name not in orphans]
-    kept += [numpy_helper.from_array(a, v) for v, a in folded.items()]
-    del g.initializer[:]
-    g.initializer.extend(kept)
-    inputs = [vi for vi in g.input if vi.name not in orphans]  # IR < 4 lists them as inputs
-    if len(inputs) != len(g.input):
-        del g.input[:]
-        g.input.extend(inputs)
-    nodes = [n for n in g.node if id(n) not in dropped]
-    del g.node[:]
-    g.node.extend(nodes)
     return model
 
 
