@@ -21,3 +21,8 @@ NUMPY_FLOATS: dict[int, Any] = {_T.FLOAT: np.float32, _T.DOUBLE: np.float64,
 #: ONNX Runtime's ``NodeArg.type`` strings of the same types.
 ORT_FLOATS: dict[str, Any] = {"tensor(float)": np.float32, "tensor(double)": np.float64,
                               "tensor(float16)": np.float16}
+#: Every ONNX Runtime type string lrp_onnx feeds, with its numpy dtype: the floats and the
+#: integers of token ids, positions and targets.
+ORT_DTYPES: dict[str, Any] = {**ORT_FLOATS, "tensor(int64)": np.int64,
+                              "tensor(int32)": np.int32}
+
