@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from lrp_onnx.dtypes import ORT_FLOATS
+from lrp_onnx.dtypes import ORT_DTYPES
 from lrp_onnx.emit.contract import (
     OUTPUT_RELEVANCE,
     RELEVANCE,
@@ -239,16 +239,13 @@ def _positions(position: Any, n: int, x: np.ndarray) -> np.ndarray:
     return p
 
 
-_ORT_INTS = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
-
-
 def _check_input(session: Any, input_name: str, x: np.ndarray, what: str = "") -> None:
     """A one-line :class:`InvalidInput` where ONNX Runtime would fail deep in its run."""
     spec = next((i for i in session.get_inputs() if i.name == input_name), None)
     if spec is None:
         return
     what = what or f"input '{input_name}'"
-    want = ORT_FLOATS.get(spec.type) or _ORT_INTS.get(spec.type)
+    want = ORT_DTYPES.get(spec.type)
     if want is not None and x.dtype != want:
         raise InvalidInput(f"{what} must be {np.dtype(want).name}, got "
                            f"{x.dtype.name} (convert with x.astype(np.{np.dtype(want).name}))")

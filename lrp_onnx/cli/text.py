@@ -21,6 +21,7 @@ import numpy as np
 
 from lrp_onnx.cli.argtypes import positive_int
 from lrp_onnx.cli.inputs import InputFileError, open_npy
+from lrp_onnx.dtypes import ORT_DTYPES
 from lrp_onnx.errors import InvalidInput
 
 #: Model inputs ``explain`` fills for a text model: the padding mask, and zeros.
@@ -210,8 +211,7 @@ def explain_tokens(job: TokenJob, session: Any, io: Any, args: Any) -> int:
     from lrp_onnx.cli.outputs import OutputError, save_bytes, save_npy
     from lrp_onnx.runtime import run_compiled
 
-    types = {i.name: np.int32 if i.type == "tensor(int32)" else
-             np.float32 if i.type == "tensor(float)" else np.int64 for i in session.get_inputs()}
+    types = {i.name: ORT_DTYPES.get(i.type, np.int64) for i in session.get_inputs()}
     asked = -1 if args.position is None else args.position
     written = 0
     for start in range(0, len(job.sequences), args.batch_size):

@@ -12,6 +12,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
+from lrp_onnx.dtypes import float_dtype
 from lrp_onnx.emit import ops  # noqa: F401  (fills the op registry)
 from lrp_onnx.emit.builder import Builder
 from lrp_onnx.emit.contract import (
@@ -32,7 +33,7 @@ from lrp_onnx.emit.optimizations import Optimizations
 from lrp_onnx.emit.registry import OpSpec, resolve_entries
 from lrp_onnx.emit.relevance_support import relu_covers
 from lrp_onnx.errors import RuleNotApplicable, UnsupportedModel, node_label
-from lrp_onnx.frontend.graph import Graph, float_dtype
+from lrp_onnx.frontend.graph import Graph
 from lrp_onnx.frontend.layers import Layer
 from lrp_onnx.frontend.load import run_onnx_checker, shape_inference_error, skeleton
 from lrp_onnx.rules.core import Rule

@@ -15,6 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
+from lrp_onnx.dtypes import float_dtype
 from lrp_onnx.emit.registry import Kind, Sign, is_kind, spec_of
 from lrp_onnx.errors import UnsupportedAttribute, UnsupportedModel, node_label
 from lrp_onnx.frontend.explained import (
@@ -27,14 +28,6 @@ from lrp_onnx.frontend.explained import (
 from lrp_onnx.frontend.load import default_opset, shape_inference_error
 from lrp_onnx.frontend.shapes import resolve
 from lrp_onnx.frontend.tokens import TOKEN_IDS, Embedding, find_embeddings
-
-
-def float_dtype(t: gs.Tensor) -> bool:
-    """Whether ``t`` has a floating-point element type (``False`` for an unknown one)."""
-    try:
-        return t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.floating)
-    except TypeError:  # an ONNX type numpy has no name for (UNDEFINED, STRING, ...)
-        return False
 
 
 def scope_of(node: onnx.NodeProto) -> tuple[str, ...]:

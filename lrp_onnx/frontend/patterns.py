@@ -20,14 +20,13 @@ from lrp_onnx.frontend.graph import Graph, attr, ints
 
 
 @dataclass(frozen=True)
-class NormUnit:
-    """A matched decomposed layer normalization.
+class NormMatch:
+    """What every matched normalization unit has.
 
     Attributes:
-        nodes: every node, the first ``ReduceMean`` first.
+        nodes: every node of the unit, in the order the matcher found them.
         x: the normalized input.
-        axes: the normalized axes (non-negative).
-        std: the ``Sqrt`` output σ (the value held constant).
+        axes: the normalized axes (non-negative, the trailing ones).
         gamma: the constant scale, or ``None``.
         output: the unit's output ``y``.
     """
@@ -35,9 +34,19 @@ class NormUnit:
     nodes: tuple[gs.Node, ...]
     x: gs.Tensor
     axes: tuple[int, ...]
-    std: gs.Tensor
     gamma: gs.Tensor | None
     output: gs.Tensor
+
+
+@dataclass(frozen=True)
+class NormUnit(NormMatch):
+    """A matched decomposed layer normalization (``nodes``: the first ``ReduceMean`` first).
+
+    Attributes:
+        std: the ``Sqrt`` output σ (the value held constant).
+    """
+
+    std: gs.Tensor
 
 
 def _reduce_axes(graph: Graph, node: gs.Node, rank: int) -> tuple[int, ...] | None:
@@ -50,6 +59,12 @@ def _reduce_axes(graph: Graph, node: gs.Node, rank: int) -> tuple[int, ...] | No
     if not axes:
         return None
     return tuple(sorted(a % rank for a in axes))
+
+
+def _trailing_axes(graph: Graph, mean: gs.Node | None, rank: int) -> tuple[int, ...] | None:
+    """The axes of ``mean`` if it is a ``keepdims`` ``ReduceMean`` over the trailing axes."""
+    axes = _reduce_axes(graph, mean, rank) if mean is not None else None
+    return axes if axes is not None and axes == tuple(range(axes[0], rank)) else None
 
 
 def only_into(graph: Graph, value: gs.Tensor, op: str) -> gs.Node | None:
@@ -67,48 +82,68 @@ def _other(node: gs.Node, t: gs.Tensor) -> gs.Tensor | None:
     return node.inputs[1] if node.inputs[0] is t else node.inputs[0]
 
 
+def _by_constant(graph: Graph, value: gs.Tensor, op: str) -> gs.Node | None:
+    """The single consumer of ``value`` if it is an ``op`` of ``value`` and a constant."""
+    node = only_into(graph, value, op)
+    other = _other(node, value) if node is not None else None
+    return node if other is not None and graph.const_value(other) is not None else None
+
+
+def _scaled(graph: Graph, out: gs.Tensor
+            ) -> tuple[list[gs.Node], gs.Tensor | None, gs.Tensor]:
+    """The ``Mul`` of ``out`` by a constant γ if one follows: ``([Mul], γ, its output)``, else
+    ``([], None, out)``."""
+    scale = _by_constant(graph, out, "Mul")
+    return ([], None, out) if scale is None else ([scale], _other(scale, out), scale.outputs[0])
+
+
+def _squares(graph: Graph, node: gs.Node, x: gs.Tensor) -> bool:
+    """``node`` is ``Pow(x, 2)`` or ``Mul(x, x)``."""
+    return len(node.inputs) == 2 and node.inputs[0] is x and (
+        (node.op == "Pow" and _is(graph.const_value(node.inputs[1]), 2.0)) or
+        (node.op == "Mul" and node.inputs[1] is x))
+
+
+def _sqrt_plus_eps(graph: Graph, value: gs.Tensor) -> tuple[gs.Node, gs.Node] | None:
+    """``Sqrt(value + eps)`` (``eps`` a constant) read from ``value`` alone: its ``Add`` and
+    ``Sqrt`` nodes."""
+    add = _by_constant(graph, value, "Add")
+    sqrt = only_into(graph, add.outputs[0], "Sqrt") if add is not None else None
+    return None if add is None or sqrt is None else (add, sqrt)
+
+
 def match_layer_norm(graph: Graph, mean: gs.Node) -> NormUnit | None:
     """The decomposed layer normalization starting at the ``ReduceMean`` node ``mean``."""
     if mean.op != "ReduceMean" or not mean.inputs or mean.inputs[0].name not in graph.data:
         return None
     x = mean.inputs[0]
     rank = len(graph.shape(x))
-    axes = _reduce_axes(graph, mean, rank)
-    if axes is None or axes != tuple(range(axes[0], rank)):
+    axes = _trailing_axes(graph, mean, rank)
+    if axes is None:
         return None
     sub = only_into(graph, mean.outputs[0], "Sub")
     if sub is None or sub.inputs[0] is not x:
         return None
     c = sub.outputs[0]
     cons = graph.consumers(c)
-    square = next((n for n in cons if (n.op == "Pow" and n.inputs[0] is c and
-                                       _is(graph.const_value(n.inputs[1]), 2.0)) or
-                   (n.op == "Mul" and n.inputs[0] is c and n.inputs[1] is c)), None)
+    square = next((n for n in cons if _squares(graph, n, c)), None)
     div = next((n for n in cons if n.op == "Div" and n.inputs[0] is c), None)
     if square is None or div is None or len(cons) != 2:
         return None
     var = only_into(graph, square.outputs[0], "ReduceMean")
     if var is None or _reduce_axes(graph, var, rank) != axes:
         return None
-    add = only_into(graph, var.outputs[0], "Add")
-    eps = _other(add, var.outputs[0]) if add is not None else None
-    if add is None or eps is None or graph.const_value(eps) is None:
+    root = _sqrt_plus_eps(graph, var.outputs[0])
+    if root is None or div.inputs[1] is not root[1].outputs[0]:
         return None
-    sqrt = only_into(graph, add.outputs[0], "Sqrt")
-    if sqrt is None or div.inputs[1] is not sqrt.outputs[0]:
-        return None
-    nodes = [mean, sub, square, var, add, sqrt, div]
-    out, gamma = div.outputs[0], None
-    scale = only_into(graph, out, "Mul")
-    if scale is not None and graph.const_value(_other(scale, out) or out) is not None:
-        gamma = _other(scale, out)
-        nodes.append(scale)
-        out = scale.outputs[0]
-    shift = only_into(graph, out, "Add")
-    if shift is not None and graph.const_value(_other(shift, out) or out) is not None:
+    nodes = [mean, sub, square, var, *root, div]
+    scale, gamma, out = _scaled(graph, div.outputs[0])
+    nodes += scale
+    shift = _by_constant(graph, out, "Add")
+    if shift is not None:
         nodes.append(shift)
         out = shift.outputs[0]
-    return NormUnit(tuple(nodes), x, axes, sqrt.outputs[0], gamma, out)
+    return NormUnit(tuple(nodes), x, axes, gamma, out, std=root[1].outputs[0])
 
 
 def _is(value: np.ndarray | None, target: float) -> bool:
@@ -116,27 +151,18 @@ def _is(value: np.ndarray | None, target: float) -> bool:
 
 
 @dataclass(frozen=True)
-class RMSUnit:
-    """A matched decomposed RMS normalization ``y = x / sqrt(mean(x²) + eps) [* γ]``.
+class RMSUnit(NormMatch):
+    """A matched decomposed RMS normalization ``y = x / sqrt(mean(x²) + eps) [* γ]``
+    (``nodes``: the square ``Pow(x, 2)`` or ``Mul(x, x)`` first).
 
     Attributes:
-        nodes: every node, the square (``Pow(x, 2)`` or ``Mul(x, x)``) first.
-        x: the normalized input.
-        axes: the normalized axes (non-negative, the trailing ones).
         rms: the ``Sqrt`` output (the value held constant).
         inv: its reciprocal ``1 / rms`` where the model computes it (``Reciprocal``,
             ``Div(1, ·)``), else ``None`` (``x / rms``).
-        gamma: the constant scale, or ``None``.
-        output: the unit's output ``y``.
     """
 
-    nodes: tuple[gs.Node, ...]
-    x: gs.Tensor
-    axes: tuple[int, ...]
     rms: gs.Tensor
     inv: gs.Tensor | None
-    gamma: gs.Tensor | None
-    output: gs.Tensor
 
 
 def _same_float_cast(graph: Graph, value: gs.Tensor) -> gs.Node | None:
@@ -161,24 +187,16 @@ def match_rms_norm(graph: Graph, square: gs.Node) -> RMSUnit | None:
     if not square.inputs or square.inputs[0].name not in graph.data:
         return None
     x = square.inputs[0]
-    if not ((square.op == "Pow" and len(square.inputs) == 2 and
-             _is(graph.const_value(square.inputs[1]), 2.0)) or
-            (square.op == "Mul" and len(square.inputs) == 2 and square.inputs[1] is x)):
+    if not _squares(graph, square, x):
         return None
     rank = len(graph.shape(x))
     mean = only_into(graph, square.outputs[0], "ReduceMean")
-    axes = _reduce_axes(graph, mean, rank) if mean is not None else None
-    if mean is None or axes is None or axes != tuple(range(axes[0], rank)):
+    axes = _trailing_axes(graph, mean, rank)
+    root = _sqrt_plus_eps(graph, mean.outputs[0]) if mean is not None else None
+    if mean is None or axes is None or root is None:
         return None
-    add = only_into(graph, mean.outputs[0], "Add")
-    eps = _other(add, mean.outputs[0]) if add is not None else None
-    if add is None or eps is None or graph.const_value(eps) is None:
-        return None
-    sqrt = only_into(graph, add.outputs[0], "Sqrt")
-    if sqrt is None:
-        return None
-    nodes = [square, mean, add, sqrt]
-    rms = sqrt.outputs[0]
+    nodes = [square, mean, *root]
+    rms = root[1].outputs[0]
     cons = graph.consumers(rms)
     if len(cons) != 1 or graph.is_graph_output(rms):
         return None
@@ -195,14 +213,11 @@ def match_rms_norm(graph: Graph, square: gs.Node) -> RMSUnit | None:
             return None
         nodes.append(inv)
     nodes.append(scaled)
-    out, gamma = scaled.outputs[0], None
+    out = scaled.outputs[0]
     cast = _same_float_cast(graph, out)
     if cast is not None:
         nodes.append(cast)
         out = cast.outputs[0]
-    scale = only_into(graph, out, "Mul")
-    if scale is not None and graph.const_value(_other(scale, out) or out) is not None:
-        gamma = _other(scale, out)
-        nodes.append(scale)
-        out = scale.outputs[0]
-    return RMSUnit(tuple(nodes), x, axes, rms, recip, gamma, out)
+    scale, gamma, out = _scaled(graph, out)
+    nodes += scale
+    return RMSUnit(tuple(nodes), x, axes, gamma, out, rms=rms, inv=recip)

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
+from lrp_onnx.dtypes import float_dtype, integer_dtype
 from lrp_onnx.emit.registry import spec_of
 
 #: The name an ambiguous choice falls back to (HF's, and torch exports keep it).
@@ -49,13 +49,6 @@ class Embedding:
         return self.gather.inputs[1] is not self.ids
 
 
-def _is_integer(t: gs.Tensor) -> bool:
-    try:
-        return t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.integer)
-    except TypeError:
-        return False
-
-
 def _keeps_order(op: str) -> bool:
     spec = spec_of(op)
     return spec is not None and spec.keeps_order
@@ -69,7 +62,7 @@ def _is_lookup(node: gs.Node, ids: gs.Tensor) -> bool:
     axis = int(node.attrs.get("axis", 0))
     if not isinstance(table, gs.Constant) or axis != 0 or len(table.shape) != 2:
         return False
-    return bool(np.issubdtype(np.dtype(table.dtype), np.floating))
+    return float_dtype(table)
 
 
 def find_embeddings(inputs: list[gs.Variable]) -> dict[str, Embedding]:
@@ -77,7 +70,7 @@ def find_embeddings(inputs: list[gs.Variable]) -> dict[str, Embedding]:
     lookup (directly or through ops that move the ids)."""
     found: dict[str, Embedding] = {}
     for ids in inputs:
-        if not _is_integer(ids):
+        if not integer_dtype(ids):
             continue
         lookups: list[gs.Node] = []
         frontier: list[gs.Tensor] = [ids]
@@ -91,7 +84,7 @@ def find_embeddings(inputs: list[gs.Variable]) -> dict[str, Embedding]:
                 if _is_lookup(node, value):
                     lookups.append(node)
                 elif _keeps_order(node.op) and node.inputs and node.inputs[0] is value and \
-                        all(_is_integer(o) for o in node.outputs):
+                        all(integer_dtype(o) for o in node.outputs):
                     frontier.extend(node.outputs)
         if len(lookups) == 1:
             found[ids.name] = Embedding(ids, lookups[0])

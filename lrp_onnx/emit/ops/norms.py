@@ -15,7 +15,6 @@ iNNvestigate's treatment), whatever rule the composite gives it (docs/wild-model
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -27,7 +26,7 @@ from lrp_onnx.emit.registry import Kind, Sign, Support, conserves_default, emitt
 from lrp_onnx.errors import UnsupportedOp, node_label
 from lrp_onnx.frontend.graph import Graph, attr
 from lrp_onnx.frontend.layers import Layer
-from lrp_onnx.frontend.patterns import match_layer_norm, match_rms_norm
+from lrp_onnx.frontend.patterns import NormMatch, match_layer_norm, match_rms_norm
 from lrp_onnx.rules.core import ROUTING_RULES, Z_RULES, PassRule, Rule, rule_eps
 
 
@@ -111,7 +110,7 @@ def _ln_rule(b: Builder, x: gs.Tensor, s: gs.Tensor, gamma: gs.Tensor | None, ax
     return b.factored(b.op("Mul", x, t, tag="R"), x, t)
 
 
-def _unit_summary(name: str, match: Callable[[Graph, gs.Node], Any]
+def _unit_summary(name: str, match: Callable[[Graph, gs.Node], NormMatch | None]
                   ) -> Callable[[Graph, Layer], str]:
     """``name(sizes of the normalized axes)`` of a matched multi-node norm."""
 

@@ -10,11 +10,12 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from lrp_onnx.dtypes import float_dtype
 from lrp_onnx.emit.builder import Builder
 from lrp_onnx.emit.ops.merge import unbroadcast
 from lrp_onnx.emit.registry import Kind, Sign, Support, emitter
 from lrp_onnx.errors import UnsupportedAttribute, node_label
-from lrp_onnx.frontend.graph import Graph, attr, float_dtype, ints
+from lrp_onnx.frontend.graph import Graph, attr, ints
 from lrp_onnx.frontend.layers import Layer, fmt_tuple
 from lrp_onnx.rules.core import ROUTING_RULES, Rule
 
