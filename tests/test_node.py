@@ -18,9 +18,7 @@ the same for the logits, and identical top classes where ``-1`` asked for them.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -28,65 +26,32 @@ import numpy as np
 import pytest
 
 from conftest import MODELS, ROOT, ort_session
+from npm_folder import NpmFolder
 
 NODE_DIR = ROOT / "tests" / "node"
 DOC = ROOT / "docs" / "deployment.md"
 REQUIRE_ENV = "LRP_ONNX_REQUIRE_NODE"
-INSTALL_TIMEOUT_S = 600
 RUN_TIMEOUT_S = 120
 MIN_NODE_MAJOR = 18
 RTOL = 1e-6  # relative to the largest magnitude of the Python result (see the module docstring)
 
 
+NPM = NpmFolder(NODE_DIR, ("onnxruntime-node",), "Node.js test", REQUIRE_ENV)
+
+
 def pinned_version() -> str:
-    deps = json.loads((NODE_DIR / "package.json").read_text())["dependencies"]
-    return str(deps["onnxruntime-node"])
-
-
-def installed_version() -> str | None:
-    meta = NODE_DIR / "node_modules" / "onnxruntime-node" / "package.json"
-    try:
-        return str(json.loads(meta.read_text())["version"])
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def unavailable(reason: str) -> None:
-    """Skip with ``reason``, or fail where ``LRP_ONNX_REQUIRE_NODE=1`` requires the Node test."""
-    if os.environ.get(REQUIRE_ENV) == "1":
-        pytest.fail(f"{reason} ({REQUIRE_ENV}=1: the Node.js test is required)", pytrace=False)
-    pytest.skip(f"{reason} (set {REQUIRE_ENV}=1 to make this a failure)")
+    return NPM.pinned()["onnxruntime-node"]
 
 
 def ensure_onnxruntime_node() -> str:
     """The ``node`` executable, with the pinned onnxruntime-node installed in tests/node."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        unavailable("Node.js test: `node` and `npm` must be on PATH")
-    assert node is not None and npm is not None
+    node, npm = NPM.node_and_npm()
     version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=60)
     major = re.match(r"v(\d+)\.", version.stdout.strip())
     if version.returncode != 0 or major is None or int(major.group(1)) < MIN_NODE_MAJOR:
-        unavailable(f"Node.js test: needs node >= {MIN_NODE_MAJOR}, found "
-                    f"{version.stdout.strip() or version.stderr.strip()!r}")
-    if installed_version() != pinned_version():
-        # `npm ci` installs exactly package-lock.json; --ignore-scripts: onnxruntime-node's
-        # post-install script downloads GPU binaries (and fails offline); the CPU one is bundled.
-        cmd = [npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund"]
-        try:
-            proc = subprocess.run(cmd, cwd=NODE_DIR, capture_output=True, text=True,
-                                  timeout=INSTALL_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            unavailable(f"Node.js test: `npm {' '.join(cmd[1:])}` in tests/node took more than "
-                        f"{INSTALL_TIMEOUT_S} s")
-        else:
-            if proc.returncode != 0:
-                head = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[:4])
-                unavailable(f"Node.js test: `npm {' '.join(cmd[1:])}` in tests/node failed "
-                            f"(exit {proc.returncode}): {head}")
-        if installed_version() != pinned_version():
-            unavailable(f"Node.js test: onnxruntime-node {pinned_version()} is not in "
-                        f"tests/node/node_modules after `npm ci` (found {installed_version()})")
+        NPM.unavailable(f"needs node >= {MIN_NODE_MAJOR}, found "
+                        f"{version.stdout.strip() or version.stderr.strip()!r}")
+    NPM.install(npm)  # the CPU binary is bundled in the npm package
     return node
 
 
@@ -184,10 +149,4 @@ def test_pinned_exactly() -> None:
 
 def test_missing_node_skips_or_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     """No node on PATH: a skip with the reason, a failure under LRP_ONNX_REQUIRE_NODE=1."""
-    monkeypatch.setattr(shutil, "which", lambda _name: None)
-    monkeypatch.delenv(REQUIRE_ENV, raising=False)
-    with pytest.raises(pytest.skip.Exception, match="`node` and `npm` must be on PATH"):
-        ensure_onnxruntime_node()
-    monkeypatch.setenv(REQUIRE_ENV, "1")
-    with pytest.raises(pytest.fail.Exception, match="LRP_ONNX_REQUIRE_NODE=1"):
-        ensure_onnxruntime_node()
+    NPM.check_missing_tools(ensure_onnxruntime_node, monkeypatch)

@@ -36,61 +36,25 @@ from PIL import Image
 from conftest import MODELS, ROOT, ort_session
 from lrp_onnx.cli.main import main
 from lrp_onnx.cli.web import CONFIG_FILE, MODEL_FILE, ORT_FILES, ORT_WEB_VERSION, PAGE_FILES
+from npm_folder import NpmFolder
 
 WEB_DIR = ROOT / "tests" / "web"
 REQUIRE_ENV = "LRP_ONNX_REQUIRE_BROWSER"
-INSTALL_TIMEOUT_S = 600
 RUN_TIMEOUT_S = 180
 RTOL = 1e-5  # relative to the largest magnitude of the Python result (see the module docstring)
 PACKAGES = ("onnxruntime-web", "playwright-core")
 
 
-def unavailable(reason: str) -> None:
-    """Skip with ``reason``, or fail where ``LRP_ONNX_REQUIRE_BROWSER=1`` requires the test."""
-    if os.environ.get(REQUIRE_ENV) == "1":
-        pytest.fail(f"{reason} ({REQUIRE_ENV}=1: the browser test is required)", pytrace=False)
-    pytest.skip(f"{reason} (set {REQUIRE_ENV}=1 to make this a failure)")
-
-
-def pinned() -> dict[str, str]:
-    deps = json.loads((WEB_DIR / "package.json").read_text())["dependencies"]
-    return {name: str(deps[name]) for name in PACKAGES}
-
-
-def installed() -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for name in PACKAGES:
-        try:
-            meta = WEB_DIR / "node_modules" / name / "package.json"
-            out[name] = str(json.loads(meta.read_text())["version"])
-        except (OSError, ValueError, KeyError):
-            out[name] = None
-    return out
+NPM = NpmFolder(WEB_DIR, PACKAGES, "browser test", REQUIRE_ENV)
 
 
 def ensure_tools() -> tuple[str, str]:
     """``(node, chromium)``, with the pinned npm packages installed in tests/web."""
-    node, npm, chromium = shutil.which("node"), shutil.which("npm"), shutil.which("chromium")
-    if node is None or npm is None:
-        unavailable("browser test: `node` and `npm` must be on PATH")
+    node, npm = NPM.node_and_npm()
+    chromium = shutil.which("chromium")
     if chromium is None:
-        unavailable("browser test: `chromium` must be on PATH (Debian: apt-get install chromium)")
-    assert node is not None and npm is not None and chromium is not None
-    if installed() != pinned():
-        cmd = [npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund"]
-        try:
-            proc = subprocess.run(cmd, cwd=WEB_DIR, capture_output=True, text=True,
-                                  timeout=INSTALL_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            unavailable(f"browser test: `npm ci` in tests/web took more than {INSTALL_TIMEOUT_S} s")
-        else:
-            if proc.returncode != 0:
-                head = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[:4])
-                unavailable(f"browser test: `npm ci` in tests/web failed (exit "
-                            f"{proc.returncode}): {head}")
-        if installed() != pinned():
-            unavailable(f"browser test: tests/web/node_modules holds {installed()} after "
-                        f"`npm ci`, not {pinned()}")
+        NPM.unavailable("`chromium` must be on PATH (Debian: apt-get install chromium)")
+    NPM.install(npm)
     return node, chromium
 
 
@@ -233,19 +197,14 @@ def test_pinned_exactly() -> None:
     """package.json pins exact versions, package-lock.json agrees, and export-web names the
     onnxruntime-web version the test installs."""
     lock = json.loads((WEB_DIR / "package-lock.json").read_text())
-    for name, version in pinned().items():
+    for name, version in NPM.pinned().items():
         assert lock["packages"][f"node_modules/{name}"]["version"] == version
-    assert pinned()["onnxruntime-web"] == ORT_WEB_VERSION
+    assert NPM.pinned()["onnxruntime-web"] == ORT_WEB_VERSION
 
 
 def test_missing_tools_skip_or_fail(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(shutil, "which", lambda _name: None)
-    monkeypatch.delenv(REQUIRE_ENV, raising=False)
-    with pytest.raises(pytest.skip.Exception, match="`node` and `npm` must be on PATH"):
-        ensure_tools()
-    monkeypatch.setenv(REQUIRE_ENV, "1")
-    with pytest.raises(pytest.fail.Exception, match="LRP_ONNX_REQUIRE_BROWSER=1"):
-        ensure_tools()
+    """No node on PATH: a skip with the reason, a failure under LRP_ONNX_REQUIRE_BROWSER=1."""
+    NPM.check_missing_tools(ensure_tools, monkeypatch)
 
 
 # -- export-web without a browser: a stand-in onnxruntime-web package -----------------------

@@ -23,8 +23,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -33,7 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lrp_onnx.testing.transformers import child_main, inline_external_data
+from lrp_onnx.testing.transformers import child_main, inline_external_data, run_child
 
 Kind = Literal["bert", "gpt2", "llama"]
 Exporter = Literal["legacy", "dynamo"]
@@ -305,23 +303,14 @@ def lxt_text_relevances(model: Any, input_ids: np.ndarray, attention_mask: np.nd
     pos = np.where(pos < 0, pos + t, pos)
     if np.any((pos < 0) | (pos >= t)):
         raise ValueError(f"position must lie in [-T, T) with T = {t}; got {position}")
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     results: dict[str, dict[str, np.ndarray]] = {}
     with tempfile.TemporaryDirectory(prefix="lxt_text_") as tmp:
         work = Path(tmp)
         model_path = Path(model).resolve() if save else save_text_model(model, work / "model.pt")
         np.savez(work / "inputs.npz", ids=ids, mask=mask, target=target, position=pos)
         for mode in modes:
-            (work / "job.json").write_text(json.dumps({"model": str(model_path), "mode": mode}))
-            proc = subprocess.run([sys.executable, "-m", __name__, str(work)], cwd=tmp, env=env,
-                                  capture_output=True, text=True, timeout=timeout)
-            if proc.returncode != 0:
-                raise RuntimeError(f"LXT child process ({kind}, {mode}) failed (exit "
-                                   f"{proc.returncode}):\n{proc.stderr[-4000:]}")
-            with np.load(work / "outputs.npz") as out:
-                results[mode] = {k: np.asarray(out[k]) for k in out.files}
+            results[mode] = run_child(__name__, work, {"model": str(model_path), "mode": mode},
+                                      timeout=timeout, label=f"{kind}, {mode}")
     return results
 
 

@@ -280,9 +280,6 @@ def lxt_relevances(model: Any, x: np.ndarray, target: np.ndarray,
     target = np.asarray(target, np.int64).reshape(-1)
     if x.ndim != 4 or target.shape != (x.shape[0],):
         raise ValueError(f"x must be [N, 3, H, W] and target [N]; got {x.shape}, {target.shape}")
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     with tempfile.TemporaryDirectory(prefix="lxt_oracle_") as tmp:
         work = Path(tmp)
         if isinstance(model, str | os.PathLike):
@@ -291,14 +288,9 @@ def lxt_relevances(model: Any, x: np.ndarray, target: np.ndarray,
             model_path = save_vit(model, work / "model.pt")
         np.savez(work / "inputs.npz", x=x, target=target)
         ordered = [m for m in ALL_MODES if m in modes]
-        (work / "job.json").write_text(json.dumps({"model": str(model_path), "modes": ordered}))
-        proc = subprocess.run([sys.executable, "-m", __name__, str(work)], cwd=tmp, env=env,
-                              capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"LXT child process failed (exit {proc.returncode}):\n"
-                               f"{proc.stderr[-4000:]}")
-        with np.load(work / "outputs.npz") as out:
-            return {m: np.asarray(out[m], np.float32) for m in ordered}
+        out = run_child(__name__, work, {"model": str(model_path), "modes": ordered},
+                        timeout=timeout)
+        return {m: np.asarray(out[m], np.float32) for m in ordered}
 
 
 def _attnlrp_mha_forward(self: Any, query: Any, key: Any, value: Any,
@@ -371,6 +363,43 @@ def _child(work: Path) -> None:
         if not err <= 1e-4 * max(1.0, float(np.max(np.abs(plain)))):
             raise RuntimeError(f"LXT {mode}: patched logits differ from torch's by {err:.3g}")
     np.savez(work / "outputs.npz", **out)
+
+
+def run_child(module: str, work: Path, job: dict[str, Any], *, timeout: float,
+              label: str = "") -> dict[str, np.ndarray]:
+    """Run an oracle's child, ``python -m MODULE WORK`` (see :func:`child_main`), and read its
+    results back.
+
+    ``job`` is written to ``WORK/job.json``; the caller has put the input arrays in ``WORK``
+    (``.npz`` files) and the child writes ``WORK/outputs.npz``. The child runs in ``WORK`` with
+    this checkout first on ``PYTHONPATH``, so it imports the same ``lrp_onnx``.
+
+    Args:
+        module: the oracle module whose ``main`` is the child (its ``__name__``).
+        work: the work folder the parent and the child share.
+        job: JSON-serialisable parameters of the child.
+        timeout: seconds before the child process is killed.
+        label: what the error message names besides "LXT child process", e.g. ``"gpt2, cp"``.
+
+    Returns:
+        every array of ``outputs.npz``, by name.
+
+    Raises:
+        RuntimeError: if the child exits non-zero; the message ends with its stderr's tail.
+    """
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    (work / "job.json").write_text(json.dumps(job))
+    (work / "outputs.npz").unlink(missing_ok=True)  # never read a previous child's results
+    proc = subprocess.run([sys.executable, "-m", module, str(work)], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        what = f" ({label})" if label else ""
+        raise RuntimeError(f"LXT child process{what} failed (exit {proc.returncode}):\n"
+                           f"{proc.stderr[-4000:]}")
+    with np.load(work / "outputs.npz") as out:
+        return {k: np.asarray(out[k]) for k in out.files}
 
 
 def child_main(module: str, child: Callable[[Path], None],
