@@ -63,14 +63,16 @@ def same_shape(net: Net, y: str) -> None:
 
 
 # -- RMSNorm ----------------------------------------------------------------------------------
-def rms_norm(net: Net, x: str, spelling: str, gamma: bool = True) -> str:
+def rms_norm(net: Net, x: str, spelling: str, gamma: bool = True, square: str = "Pow") -> str:
     """Llama's RMSNorm as the dynamo (``Reciprocal``) or legacy (``Cast``, ``Div(1, ·)``,
-    ``Cast``) exporter writes it, over the last axis."""
+    ``Cast``) exporter writes it, over the last axis; the square as ``Pow(x, 2)`` or, as graph
+    optimizers rewrite it, ``Mul(x, x)``."""
     d = net.sample[-1]
     two = net.const("lut/two", np.array(2.0))
     if spelling == "legacy":
         x = net.node("Cast", [x], "lut/cast_in", to=onnx.TensorProto.FLOAT)
-    sq = net.node("Pow", [x, two], "lut/pow")
+    sq = net.node("Pow", [x, two], "lut/pow") if square == "Pow" else \
+        net.node("Mul", [x, x], "lut/square")
     mean = net.node("ReduceMean", [sq], "lut/mean", axes=[-1], keepdims=1)
     var = net.node("Add", [mean, net.const("lut/eps", np.array(RMS_EPS))], "lut/add")
     rms = net.node("Sqrt", [var], "lut/sqrt")
@@ -104,9 +106,11 @@ RMS_RULES = (ZeroRule(), EpsilonRule(epsilon=0.0), EpsilonRule(epsilon=1e-3), Pa
 @pytest.mark.parametrize("rule", RMS_RULES, ids=repr)
 @pytest.mark.parametrize("spelling", ["dynamo", "legacy"])
 @pytest.mark.parametrize("gamma", [True, False], ids=["gamma", "no_gamma"])
-def test_rms_norm(spelling: str, gamma: bool, rule: Rule, rng: np.random.Generator) -> None:
+@pytest.mark.parametrize("square", ["Pow", "Mul"])
+def test_rms_norm(spelling: str, gamma: bool, square: str, rule: Rule,
+                  rng: np.random.Generator) -> None:
     net = Net(rng, (4, 6))
-    y = rms_norm(net, net.x, spelling, gamma)
+    y = rms_norm(net, net.x, spelling, gamma, square)
     same_shape(net, y)
     x = rng.standard_normal((BATCH, 4, 6)).astype(F32)
     seed = rng.standard_normal((BATCH, 4, 6)).astype(F32)

@@ -47,8 +47,8 @@ def test_gelu_decompositions_are_one_activation(tmp_path: Path, approximate: str
 
 def test_decomposed_layer_norm_is_the_layer_norm_rule(tmp_path: Path) -> None:
     """Below opset 17 torch writes LayerNorm as ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div/Mul/
-    Add: one ``DecomposedLayerNorm`` layer whose relevance equals that of the
-    ``LayerNormalization`` op in the opset-17 export of the same module."""
+    Add (or with the square as ``Mul(c, c)``): one ``DecomposedLayerNorm`` layer whose relevance
+    equals that of the ``LayerNormalization`` op in the opset-17 export of the same module."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8),
                               torch.nn.Linear(8, 3)).eval()
@@ -58,13 +58,20 @@ def test_decomposed_layer_norm_is_the_layer_norm_rule(tmp_path: Path) -> None:
     old = _export(net, tmp_path / "ln14.onnx", 14, False, (1, 6))
     new = _export(net, tmp_path / "ln17.onnx", 17, False, (1, 6))
     assert "LayerNormalization" not in {n.op_type for n in onnx.load(str(old)).graph.node}
-    kinds = [la.kind for la in LRP(old, AttnLRP()).layers]
-    assert kinds == ["Gemm", "DecomposedLayerNorm", "Gemm"]
+    # the square also spelled Mul(c, c) (as graph optimizers rewrite Pow(c, 2))
+    model = onnx.load(str(old))
+    square = next(n for n in model.graph.node if n.op_type == "Pow")
+    square.op_type, square.input[1] = "Mul", square.input[0]
+    mul = tmp_path / "ln14_mul.onnx"
+    onnx.save(model, mul)
     x = np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32)
-    for composite in (AttnLRP(), AttnLRP(epsilon=1e-3)):
-        a = LRP(old, composite).analyze(x).relevance
-        b = LRP(new, composite).analyze(x).relevance
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max())
+    for decomposed in (old, mul):
+        kinds = [la.kind for la in LRP(decomposed, AttnLRP()).layers]
+        assert kinds == ["Gemm", "DecomposedLayerNorm", "Gemm"]
+        for composite in (AttnLRP(), AttnLRP(epsilon=1e-3)):
+            a = LRP(decomposed, composite).analyze(x).relevance
+            b = LRP(new, composite).analyze(x).relevance
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max())
 
 
 def test_unsupported_nodes_are_listed_at_once(rng: np.random.Generator) -> None:

@@ -281,6 +281,7 @@ def build_layers(graph: Graph) -> list[Layer]:
                 norm.output
         elif rms is not None and not any(n.name in taken for n in rms.nodes):
             nodes, kind, out, pre = list(rms.nodes), "RMSNorm", rms.output, rms.output
+            data_in = [rms.x]  # its first node may be Mul(x, x): x is one input
         elif standalone is not None and node in standalone.nodes and \
                 not any(n.name in taken for n in standalone.nodes):
             # a multi-node activation (SiLU, Erf-GELU) is one layer of its own
@@ -319,7 +320,7 @@ def build_layers(graph: Graph) -> list[Layer]:
         taken.update(n.name for n in nodes)
         layer = Layer(
             index=len(layers), kind=kind, primary=node, nodes=tuple(nodes),
-            inputs=tuple(graph.data_inputs(node)), output=out, pre_activation=pre,
+            inputs=tuple(data_in), output=out, pre_activation=pre,
             bias_add=bias_add, batchnorm=bn,
             activation=act.nodes[-1] if act is not None and kind == node.op else None,
             act_name=act.name if act is not None else None,

@@ -125,7 +125,7 @@ def match_layer_norm(graph: Graph, mean: gs.Node) -> NormUnit | None:
     if sub is None or sub.inputs[0] is not x:
         return None
     c = sub.outputs[0]
-    cons = graph.consumers(c)
+    cons = list({id(n): n for n in graph.consumers(c)}.values())  # Mul(c, c) reads c twice
     square = next((n for n in cons if _squares(graph, n, c)), None)
     div = next((n for n in cons if n.op == "Div" and n.inputs[0] is c), None)
     if square is None or div is None or len(cons) != 2:
