@@ -139,6 +139,34 @@ def qdq_torch(model: onnx.ModelProto) -> object:
     return nn.Sequential(*modules).eval()
 
 
+class _Residual(torch.nn.Module):
+    """A ResNet basic block between a stem and a head (BatchNorm folded by the exporter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch import nn
+
+        self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                                   nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6))
+        self.head = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(6, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        return self.head(h + self.block(h))
+
+
+def residual_cnn() -> torch.nn.Module:
+    torch.manual_seed(1)
+    net = _Residual()
+    with torch.no_grad():  # BatchNorm statistics that are not the identity
+        for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 1.5)
+    return net.eval()
+
+
 # -- fixtures -----------------------------------------------------------------------------------
 def _inputs(shape: tuple[int, ...], n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
@@ -149,6 +177,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, np
     """``{name: (quantized model path, test inputs)}``."""
     tmp = tmp_path_factory.mktemp("qdq")
     cnn = oracle.export(small_cnn(), tmp / "cnn.onnx", torch.zeros(1, 3, 12, 12))
+    resnet = oracle.export(residual_cnn(), tmp / "resnet.onnx", torch.zeros(1, 3, 12, 12))
     digits = ROOT / "models" / "digits_cnn.onnx"
     samples = np.load(ROOT / "models" / "digits_samples.npy").astype(np.float32)
     calib = _inputs((3, 12, 12), 16, 1)
@@ -158,17 +187,24 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, np
         "cnn_per_channel": (quantize(cnn, tmp / "cnn_qc.onnx", calib, True),
                             _inputs((3, 12, 12), 6, 2)),
         "digits_per_channel": (quantize(digits, tmp / "digits_q.onnx", samples, True), samples),
+        "resnet_per_channel": (quantize(resnet, tmp / "resnet_qc.onnx", calib, True),
+                               _inputs((3, 12, 12), 6, 2)),
     }
 
 
 # -- tests --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["cnn_per_tensor", "cnn_per_channel", "digits_per_channel"])
+@pytest.mark.parametrize("name", ["cnn_per_tensor", "cnn_per_channel", "digits_per_channel",
+                                  "resnet_per_channel"])
 def test_quantized_model_compiles_as_deployed(models, name: str) -> None:
+    """Compiles, keeps the int8 forward pass, gets the sign facts right and passes ``check``
+    (for the residual block too, whose ``Add`` reads two dequantized branches; its Zennit twin
+    is not built: ``qdq_torch`` reads chains only)."""
     path, _ = models[name]
     model = onnx.load(str(path))
     lrp = L.LRP(model, L.EpsilonPlus())
     kinds = [la.kind for la in lrp.layers]
     assert kinds[0] == "QuantizeDequantize" and "QuantizeDequantize" in kinds[1:]
+    assert ("Add" in kinds) == name.startswith("resnet")
     # sign facts: a pair clamping at zero (zero point = int8 minimum, the dropped ReLU) gives
     # values >= 0, others do not (the CNN's input pair; the digits' pixels are >= 0, so their
     # calibrated input range starts at 0 too)
