@@ -144,29 +144,33 @@ def linear(net: Net, x: str, fin: int, fout: int, name: str) -> str:
     return net.node("MatMul", [x, net.param(f"{name}/W", (fin, fout))], f"{name}/matmul")
 
 
-def test_rms_norm_gradient_form(rng: np.random.Generator) -> None:
-    """``Linear -> RMSNorm -> Linear`` at ε = 0 with the logit as seed: the relevance pass
-    divides by no forward value (the RMSNorm is recorded as ``x * t``), and equals gradient ×
-    input with the rms held constant."""
+def _gradient_form(rng: np.random.Generator, middle: Any, targets: list[int]
+                   ) -> tuple[Net, np.ndarray, np.ndarray, np.ndarray]:
+    """``Linear -> middle -> Linear`` at ε = 0 with the logit as seed, compiled with no division
+    by a forward value in the relevance pass: the net, x (float64), the relevance and the
+    gradient of the logit by ``middle``'s output."""
     net = Net(rng, (4, 6))
     h = linear(net, net.x, 6, 6, "lin1")
-    n = rms_norm(net, h, "dynamo")
-    net.head(linear(net, n, 6, 6, "lin2"), bias=None)
+    net.head(linear(net, middle(net, h), 6, 6, "lin2"), bias=None)
     lrp = LRP(net.model(), Composite(GlobalMap(EpsilonRule(epsilon=0.0))),
               normalize_output_relevance=False)
     assert lrp_divisions(lrp.model)[1] == 0
     x = rng.standard_normal((BATCH, 4, 6)).astype(F32)
-    got = lrp.analyze(x, [1, 0, 3]).relevance
-    x64 = x.astype(np.float64)
-    w1, w2 = net.inits["lin1/W"], net.inits["lin2/W"]
-    gamma = net.inits["lut/gamma"]
-    hv = x64 @ w1
-    rms = np.sqrt((hv ** 2).mean(-1, keepdims=True) + RMS_EPS)
+    got = lrp.analyze(x, targets).relevance
     wh, _ = net.head_params  # type: ignore[misc]
-    onehot = np.eye(wh.shape[0])[[1, 0, 3]]
-    g_n = (onehot @ wh).reshape(BATCH, 4, 6) @ w2.T  # d logit / d n
-    want = x64 * ((g_n * gamma / rms) @ w1.T)
-    close(got, want)
+    onehot = np.eye(wh.shape[0])[targets]
+    g_n = (onehot @ wh).reshape(BATCH, 4, 6) @ net.inits["lin2/W"].T  # d logit / d middle
+    return net, x.astype(np.float64), got, g_n
+
+
+def test_rms_norm_gradient_form(rng: np.random.Generator) -> None:
+    """``Linear -> RMSNorm -> Linear`` at ε = 0 with the logit as seed: the relevance pass
+    divides by no forward value (the RMSNorm is recorded as ``x * t``), and equals gradient ×
+    input with the rms held constant."""
+    net, x64, got, g_n = _gradient_form(rng, lambda net, h: rms_norm(net, h, "dynamo"), [1, 0, 3])
+    w1, gamma = net.inits["lin1/W"], net.inits["lut/gamma"]
+    rms = np.sqrt(((x64 @ w1) ** 2).mean(-1, keepdims=True) + RMS_EPS)
+    close(got, x64 * ((g_n * gamma / rms) @ w1.T))
 
 
 def test_reciprocal_of_activation_is_refused(rng: np.random.Generator) -> None:
@@ -196,20 +200,9 @@ def test_neg(rule: Rule, rng: np.random.Generator) -> None:
 def test_neg_gradient_form(rng: np.random.Generator) -> None:
     """``Linear -> Neg -> Linear`` at ε = 0: Neg records its input's relevance as ``x * (−g)``,
     so the first linear layer divides by nothing; the result is gradient × input."""
-    net = Net(rng, (4, 6))
-    h = linear(net, net.x, 6, 6, "lin1")
-    n = net.node("Neg", [h], "neg")
-    net.head(linear(net, n, 6, 6, "lin2"), bias=None)
-    lrp = LRP(net.model(), Composite(GlobalMap(EpsilonRule(epsilon=0.0))),
-              normalize_output_relevance=False)
-    assert lrp_divisions(lrp.model)[1] == 0
-    x = rng.standard_normal((BATCH, 4, 6)).astype(F32)
-    got = lrp.analyze(x, [2, 4, 0]).relevance
-    wh, _ = net.head_params  # type: ignore[misc]
-    onehot = np.eye(wh.shape[0])[[2, 4, 0]]
-    g_n = (onehot @ wh).reshape(BATCH, 4, 6) @ net.inits["lin2/W"].T
-    want = x.astype(np.float64) * (-g_n @ net.inits["lin1/W"].T)
-    close(got, want)
+    net, x64, got, g_n = _gradient_form(
+        rng, lambda net, h: net.node("Neg", [h], "neg"), [2, 4, 0])
+    close(got, x64 * (-g_n @ net.inits["lin1/W"].T))
 
 
 # -- Expand / Tile --------------------------------------------------------------------------------

@@ -485,6 +485,26 @@ def _compiles_finite(composite: Composite, rng: np.random.Generator) -> bool:
     return True
 
 
+def _parsed(parse: Any, source: Any, text: str, names: str = "",
+            limit: int | None = None) -> Composite | None:
+    """``parse(source)``: a Composite, or ``None`` after a one-line ``RuleAssignmentError``
+    (naming ``names``, shorter than ``limit``); any other outcome fails the test."""
+    try:
+        composite = parse(source)
+    except RuleAssignmentError as exc:
+        message = str(exc)
+        assert "\n" not in message and names in message and \
+            (limit is None or len(message) < limit), (text, message)
+        return None
+    assert isinstance(composite, Composite), text
+    return composite
+
+
+def _some_compile_finite(composites: dict[str, Composite], rng: np.random.Generator) -> None:
+    """Of the first 16 distinct composites, at least one compiles (all finite or refused)."""
+    assert sum(_compiles_finite(c, rng) for c in list(composites.values())[:16]) > 0
+
+
 @pytest.mark.filterwarnings("error")  # a SyntaxWarning would be a second line on stderr
 def test_parse_composite_property() -> None:
     rng = np.random.default_rng(42)
@@ -495,18 +515,13 @@ def test_parse_composite_property() -> None:
             text = _random_text(rng)
         else:
             text = _mutate(rng, VALID_COMPOSITES[rng.integers(len(VALID_COMPOSITES))])
-        try:
-            composite = parse_composite(text)
-        except RuleAssignmentError as exc:
-            message = str(exc)
-            assert "\n" not in message and len(message) < 600, (text, message)
+        composite = _parsed(parse_composite, text, text, limit=600)
+        if composite is None:
             errors += 1
-            continue
-        assert isinstance(composite, Composite), text
-        parsed.setdefault(repr(composite), composite)
+        else:
+            parsed.setdefault(repr(composite), composite)
     assert errors > 1000 and len(parsed) > 10, (errors, len(parsed))
-    built = sum(_compiles_finite(c, rng) for c in list(parsed.values())[:16])
-    assert built > 0
+    _some_compile_finite(parsed, rng)
 
 
 def test_every_preset_parses_with_its_defaults() -> None:
@@ -625,18 +640,13 @@ def test_rule_files_property(tmp_path: Path) -> None:
             path.write_bytes(b"\xff\xfe" + text.encode("utf-8"))
         else:
             path.write_text(text, encoding="utf-8")
-        try:
-            composite = load_rules(path)
-        except RuleAssignmentError as exc:
-            message = str(exc)
-            assert "\n" not in message and str(path) in message, (text, message)
+        composite = _parsed(load_rules, path, text, names=str(path))
+        if composite is None:
             errors += 1
-            continue
-        assert isinstance(composite, Composite), text
-        good.setdefault(repr(composite), composite)
+        else:
+            good.setdefault(repr(composite), composite)
     assert errors > 100 and len(good) > 20, (errors, len(good))
-    built = sum(_compiles_finite(c, rng) for c in list(good.values())[:16])
-    assert built > 0
+    _some_compile_finite(good, rng)
 
 
 def test_parse_rule_knows_every_rule() -> None:

@@ -103,6 +103,10 @@ class Graph:
         #: dims ONNX shape inference left unknown that run-time shape arithmetic fixes
         #: (:mod:`lrp_onnx.frontend.shapes`); read by :meth:`shape`, never exported
         self.facts = resolve(model)
+        #: float copies of values computed from constants (:meth:`constant`), by value name
+        self._folded: dict[str, gs.Constant | None] = {}
+        #: the nodes computing values from constants alone, found on the first such value
+        self._constant_nodes: list[onnx.NodeProto] | None = None
         try:
             # graphsurgeon warns on stderr about what it keeps as it is (a non-tensor output
             # such as skl2onnx's ZipMap, which is refused below in one line of ours)
@@ -290,18 +294,17 @@ class Graph:
     def constant(self, t: gs.Tensor) -> gs.Constant | None:
         """``t`` as a constant: the initializer itself, or, for a float value that nodes
         compute from initializers alone (a quantized weight's ``DequantizeLinear``; float
-        chains were folded by :func:`lrp_onnx.frontend.passes.fold_constant_weights`), a float
+        chains were folded by :func:`lrp_onnx.frontend.constants.fold_constant_weights`), a float
         copy of its value as ONNX Runtime computes it, for the relevance pass (the forward nodes
         stay as they are); ``None`` for values that depend on the data."""
         if isinstance(t, gs.Constant):
             return t
         if not t.name or t.name in self.data:
             return None
-        folded: dict[str, gs.Constant | None] = self.__dict__.setdefault("_folded", {})
-        if t.name not in folded:
+        if t.name not in self._folded:
             from lrp_onnx.frontend import constants
 
-            if "_constant_nodes" not in self.__dict__:  # once per graph, on first need
+            if self._constant_nodes is None:
                 self._constant_nodes = constants.constant_nodes(self.proto.graph)
             nodes = constants.cone(self._constant_nodes, [t.name])
             value = constants.evaluate(self.proto, nodes, [t.name]) if nodes else None
@@ -309,9 +312,9 @@ class Graph:
             name = f"lrp/folded/{t.name}"
             while name in self.tensors:
                 name += "_"
-            folded[t.name] = gs.Constant(name, found) if found is not None and \
+            self._folded[t.name] = gs.Constant(name, found) if found is not None and \
                 constants.is_float(found) else None
-        return folded[t.name]
+        return self._folded[t.name]
 
     @staticmethod
     def optional_input(node: gs.Node, index: int) -> gs.Tensor | None:
